@@ -1,0 +1,96 @@
+#!/usr/bin/env python
+"""Accuracy study: the same comparison over several seeds (and settings), as a table.
+
+Each (setting, seed) is one ``run_simulation.py`` run in its own process and folder;
+runs whose folder already holds results.json are reused, so the study can be resumed.
+
+    python benchmarks/accuracy.py --seeds 0 1 2 --out outputs/study-alpha0.1
+    python benchmarks/accuracy.py --seeds 0 1 2 --grid alpha=0.05,0.1,0.5 --out outputs/alpha
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--config", help="preset passed to every run")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   help="key=value passed to every run (repeatable)")
+    p.add_argument("--grid", action="append", default=[],
+                   help="key=v1,v2,... : one setting per value (repeatable: cross product)")
+    p.add_argument("--out", required=True, help="study folder")
+    return p.parse_args(argv)
+
+
+def settings(grid: list[str]) -> list[dict[str, str]]:
+    axes = []
+    for spec in grid:
+        key, _, values = spec.partition("=")
+        axes.append([(key, v) for v in values.split(",")])
+    return [dict(combo) for combo in itertools.product(*axes)] or [{}]
+
+
+def run_one(args, setting: dict, seed: int, folder: Path) -> dict:
+    if not (folder / "results.json").is_file():
+        cmd = [sys.executable, str(ROOT / "run_simulation.py"), "--out", str(folder),
+               "--set", f"seed={seed}"]
+        if args.config:
+            cmd += ["--config", args.config]
+        for pair in [*args.overrides, *(f"{k}={v}" for k, v in setting.items())]:
+            cmd += ["--set", pair]
+        print("$", " ".join(cmd[1:]), flush=True)
+        subprocess.run(cmd, check=True, cwd=ROOT)
+    return json.loads((folder / "results.json").read_text())
+
+
+def mean_std(values: list[float]) -> str:
+    v = 100 * np.asarray(values, dtype=float)
+    return f"{v.mean():.1f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.1f}"
+
+
+def table(rows: dict[str, list[dict]], label: str) -> str:
+    lines = [f"| {label} | arm | final acc (%) | best acc (%) | round-1 acc (%) | fidelity (%) | n |",
+             "|---|---|---|---|---|---|---|"]
+    for name, results in rows.items():
+        fid = [r["generation"]["fidelity"] for r in results if r.get("generation")]
+        for arm in results[0]["arms"]:
+            per = [r["arms"][arm] for r in results]
+            lines.append(
+                f"| {name} | {arm} | {mean_std([p['final_accuracy'] for p in per])} | "
+                f"{mean_std([p['best_accuracy'] for p in per])} | "
+                f"{mean_std([p['first_round_accuracy'] for p in per])} | "
+                f"{mean_std(fid) if fid and arm == 'diffusion' else ''} | {len(per)} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    rows, t0 = {}, time.perf_counter()
+    for setting in settings(args.grid):
+        name = ",".join(f"{k}={v}" for k, v in setting.items()) or "default"
+        rows[name] = [run_one(args, setting, seed, out / name.replace("=", "") / f"seed{seed}")
+                      for seed in args.seeds]
+    text = table(rows, "setting")
+    (out / "table.md").write_text(text + "\n")
+    print(text)
+    print(f"\n{len(rows) * len(args.seeds)} runs, {time.perf_counter() - t0:.0f} s; table in "
+          f"{out / 'table.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

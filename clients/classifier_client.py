@@ -1,0 +1,95 @@
+"""Flower client that trains the global ResNet-18 on the local training set of one arm."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import numpy as np
+from flwr.client import NumPyClient
+
+from clients.local import LocalData
+from fedgen.balancing import fill_to_max, noise_fill, oversample
+from fedgen.classifier import LossHook, train_classifier
+from fedgen.models import classifier_shell, get_weights, set_weights
+from fedgen.seeds import derive_seed
+
+log = logging.getLogger(__name__)
+
+Arrays = tuple[np.ndarray, np.ndarray]
+
+
+def real_only(local: LocalData, arm: str) -> Arrays:
+    return local.images, local.labels
+
+
+def _with_extra(local: LocalData, extra: Arrays) -> Arrays:
+    return (np.concatenate([local.images, extra[0]]),
+            np.concatenate([local.labels, extra[1]]))
+
+
+def with_oversampling(local: LocalData, arm: str) -> Arrays:
+    """Present classes topped up by the fill-to-max deficits, copies of own images."""
+    rng = np.random.default_rng(derive_seed(local.cfg.seed, arm, local.partition_id))
+    deficits = fill_to_max(local.histogram, local.cfg.augment_ratio)
+    return _with_extra(local, oversample(local.images, local.labels, deficits, rng))
+
+
+def with_noisy_copies(local: LocalData, arm: str) -> Arrays:
+    """The same deficits filled with own images plus Gaussian pixel noise."""
+    rng = np.random.default_rng(derive_seed(local.cfg.seed, arm, local.partition_id))
+    deficits = fill_to_max(local.histogram, local.cfg.augment_ratio)
+    return _with_extra(local, noise_fill(local.images, local.labels, deficits,
+                                         local.cfg.noise_sigma, rng))
+
+
+def with_received(local: LocalData, arm: str) -> Arrays:
+    """Real images plus the synthetic batch the server shipped for ``arm``."""
+    extra = local.store.load(arm)
+    if extra is None:
+        log.warning("partition %d has no synthetic batch for arm %r: training on real data",
+                    local.partition_id, arm)
+        return real_only(local, arm)
+    return _with_extra(local, extra)
+
+
+# Arm -> the local training set it trains on. New generative arms reuse with_received.
+TRAINING_SETS: dict[str, Callable[[LocalData, str], Arrays]] = {
+    "real": real_only,
+    "oversample": with_oversampling,
+    "noise": with_noisy_copies,
+    "diffusion": with_received,
+}
+
+
+class ClassifierClient(NumPyClient):
+    """Unpack the global ResNet-18, train it on this arm's local set, pack the result.
+
+    Fit config: ``arm``, ``epochs``, ``batch-size``, ``lr``, ``seed``.
+    """
+
+    training_sets = TRAINING_SETS
+
+    def __init__(self, local: LocalData):
+        self.local = local
+
+    def loss_hooks(self, config: dict) -> list[LossHook]:
+        """Extra terms for the local loss (none here; FedProx/FedDifRC-style methods
+        override this instead of copying the loop)."""
+        return []
+
+    def fit(self, parameters, config):
+        loc, cfg = self.local, self.local.cfg
+        arm = str(config["arm"])
+        if arm not in self.training_sets:
+            raise ValueError(f"unknown arm {arm!r}; allowed: {', '.join(self.training_sets)}")
+        images, labels = self.training_sets[arm](loc, arm)
+        model = classifier_shell(cfg, loc.data.channels, loc.data.num_classes)
+        set_weights(model, parameters)
+        stats = train_classifier(model, images, labels, epochs=int(config["epochs"]),
+                                 batch_size=int(config["batch-size"]), lr=float(config["lr"]),
+                                 momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                 seed=loc.seed(int(config["seed"])), device=loc.device,
+                                 loss_hooks=self.loss_hooks(config))
+        return get_weights(model), len(labels), {**stats, "samples": len(labels),
+                                                 "partition-id": loc.partition_id}

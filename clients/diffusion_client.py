@@ -1,0 +1,33 @@
+"""Flower client that trains the shared class-conditional UNet on local images."""
+
+from __future__ import annotations
+
+from flwr.client import NumPyClient
+
+from clients.local import LocalData
+from fedgen.diffusion import LossHook, train_ddpm
+from fedgen.models import build_scheduler, get_weights, set_weights, unet_shell
+
+
+class DiffusionClient(NumPyClient):
+    """Unpack the global UNet, run the local DDPM loop, pack the result.
+
+    Fit config: ``epochs``, ``batch-size``, ``lr``, ``seed``.
+    """
+
+    def __init__(self, local: LocalData):
+        self.local = local
+
+    def loss_hooks(self, config: dict) -> list[LossHook]:
+        """Extra terms for the local denoising loss (none here; methods override)."""
+        return []
+
+    def fit(self, parameters, config):
+        loc, data = self.local, self.local.data
+        unet = unet_shell(loc.cfg, data.channels, data.num_classes, data.image_size)
+        set_weights(unet, parameters)
+        stats = train_ddpm(unet, build_scheduler(loc.cfg), loc.images, loc.labels,
+                           epochs=int(config["epochs"]), batch_size=int(config["batch-size"]),
+                           lr=float(config["lr"]), seed=loc.seed(int(config["seed"])), device=loc.device,
+                           loss_hooks=self.loss_hooks(config))
+        return get_weights(unet), len(loc.labels), {**stats, "partition-id": loc.partition_id}

@@ -1,0 +1,41 @@
+"""Class balancing: the fill-to-max deficit rule and the non-generative fillers.
+
+Deficit rule (methods.md, shared by every generative method): client ``k`` receives
+``s[k][c] = round(r * (M[k] - n[k][c]))`` samples of class ``c`` with ``M[k] = max_c n[k][c]``;
+absent classes are included and so get ``round(r * M[k])``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def fill_to_max(counts: np.ndarray, ratio: float) -> np.ndarray:
+    """Synthetic samples per class for one client (1-D) or per client (2-D, row-wise)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    top = counts.max(axis=-1, keepdims=True)
+    return np.rint(ratio * (top - counts)).astype(np.int64)
+
+
+def present_only(deficits: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The deficits a client can fill from its own images (absent classes stay absent)."""
+    return np.where(np.asarray(counts) > 0, deficits, 0)
+
+
+def oversample(images: np.ndarray, labels: np.ndarray, deficits: np.ndarray,
+               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Extra copies, drawn with replacement, of the client's own images per class
+    (the original's ``self_supplement``)."""
+    picks = [rng.choice(np.flatnonzero(labels == c), size=int(k), replace=True)
+             for c, k in enumerate(present_only(deficits, np.bincount(labels, minlength=len(deficits))))
+             if k > 0]
+    idx = np.concatenate(picks) if picks else np.zeros(0, dtype=np.int64)
+    return images[idx], labels[idx]
+
+
+def noise_fill(images: np.ndarray, labels: np.ndarray, deficits: np.ndarray, sigma: float,
+               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Like :func:`oversample`, plus Gaussian pixel noise of ``sigma`` in [-1, 1] units."""
+    x, y = oversample(images, labels, deficits, rng)
+    noisy = x.astype(np.float32) + rng.normal(0.0, sigma * 127.5, size=x.shape)
+    return np.clip(np.rint(noisy), 0, 255).astype(np.uint8), y

@@ -1,0 +1,292 @@
+"""One config schema for every entry point.
+
+Keys are flat and kebab-case (``num-clients``), exactly as in ``[tool.flwr.app.config]``
+of ``pyproject.toml``, in preset files under ``configs/`` and in ``--set key=value``.
+They are parsed once into the frozen :class:`RunConfig`, which rejects unknown keys and
+bad values with a :class:`ConfigError` that names the culprit and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+# Values that some keys may take; the registries that implement them are checked
+# against these sets in the tests, so the two cannot drift apart.
+DATASETS = ("digits", "mnist5k", "cifar10", "cifar100", "imagefolder")
+PARTITIONINGS = ("dirichlet", "iid")
+ARMS = ("real", "oversample", "noise", "diffusion")
+SAMPLERS = ("ddim", "ddpm", "dpm-solver")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+AGGREGATIONS = ("weighted", "uniform")
+STEMS = ("cifar", "imagenet")
+NORMS = ("group", "batch")
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration: reported in one line, without a traceback."""
+
+
+def _key(help: str, *, choices: tuple[str, ...] = (), low: float | None = None,
+         high: float | None = None, low_open: bool = False, many: bool = False) -> dict:
+    return {"help": help, "choices": choices, "low": low, "high": high,
+            "low_open": low_open, "many": many}
+
+
+def knob(default: Any, help: str, **rules: Any) -> Any:
+    """A dataclass field carrying its documentation and validation rules."""
+    return field(default=default, metadata=_key(help, **rules))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every knob of a run. Field ``num_clients`` is config key ``num-clients``."""
+
+    # --- what to run
+    method: str = knob("fed-diff-aug", "Algorithm from the registry METHODS in "
+                       "fedgen/methods.py: fed-diff-aug, fedavg.")
+    arms: str = knob("real,oversample,noise,diffusion",
+                     "Comma-separated arms compared on one partition (methods.md A.6).",
+                     choices=ARMS, many=True)
+    seed: int = knob(0, "Seed of the partition, model inits, training and sampling.", low=0)
+    # --- data
+    dataset: str = knob("digits", "Data set; digits and mnist5k ship inside packages.",
+                        choices=DATASETS)
+    data_dir: str = knob("", "Local folder of cifar10/cifar100/imagefolder data.")
+    image_size: int = knob(0, "Resize images to this many pixels (0 = native size).", low=0)
+    test_fraction: float = knob(0.2, "Stratified test share for sets without a test split.",
+                                low=0.0, high=0.9, low_open=True)
+    # --- federation and partition
+    num_clients: int = knob(10, "Number of clients (partitions, SuperNodes).", low=1)
+    partitioning: str = knob("dirichlet", "Label split across clients.", choices=PARTITIONINGS)
+    alpha: float = knob(0.1, "Dirichlet concentration; smaller = more skewed.",
+                        low=0.0, low_open=True)
+    min_partition_size: int = knob(10, "Re-draw the Dirichlet split until every client has "
+                                   "at least this many samples.", low=0)
+    fraction_fit: float = knob(1.0, "Share of clients sampled per training round.",
+                               low=0.0, high=1.0, low_open=True)
+    # --- federated DDPM
+    diffusion_rounds: int = knob(10, "FedAvg rounds over the UNet (0 = use diffusion-init "
+                                 "as is).", low=0)
+    diffusion_epochs: int = knob(5, "Local epochs per diffusion round.", low=1)
+    diffusion_batch_size: int = knob(32, "Local batch size of DDPM training.", low=1)
+    diffusion_lr: float = knob(2e-3, "AdamW learning rate of DDPM training.",
+                               low=0.0, low_open=True)
+    diffusion_aggregation: str = knob("weighted", "UNet averaging: sample-weighted, or "
+                                      "uniform (the original's compat).", choices=AGGREGATIONS)
+    diffusion_init: str = knob("", "Folder saved by save_pretrained (UNet) to start from "
+                               "(federated fine-tuning); empty = random init.")
+    unet_channels: str = knob("16,32", "Comma-separated block_out_channels of the UNet.")
+    unet_layers_per_block: int = knob(1, "ResNet layers per UNet block.", low=1)
+    unet_attention_levels: int = knob(0, "How many of the lowest-resolution UNet levels "
+                                      "get self-attention.", low=0)
+    unet_norm_groups: int = knob(8, "GroupNorm groups in the UNet.", low=1)
+    num_train_timesteps: int = knob(1000, "Diffusion timesteps T.", low=2)
+    beta_schedule: str = knob("linear", "Noise schedule, shared by training and sampling.",
+                              choices=BETA_SCHEDULES)
+    beta_start: float = knob(1e-4, "First beta of the schedule.", low=0.0, low_open=True)
+    beta_end: float = knob(0.02, "Last beta of the schedule.", low=0.0, low_open=True)
+    # --- generation round
+    sampler: str = knob("ddim", "Sampler built from the training scheduler's config.",
+                        choices=SAMPLERS)
+    sampling_steps: int = knob(10, "Denoising steps of the sampler.", low=1)
+    generation_batch_size: int = knob(500, "Samples denoised at once on the server.", low=1)
+    augment_ratio: float = knob(1.0, "r in the fill-to-max rule s = round(r * (M - n)).",
+                                low=0.0)
+    noise_sigma: float = knob(0.1, "Pixel noise of the noise arm, in [-1, 1] units.", low=0.0)
+    # --- classifier
+    classifier_rounds: int = knob(5, "FedAvg rounds of ResNet-18 per arm.", low=1)
+    local_epochs: int = knob(1, "Local epochs per classifier round.", low=1)
+    batch_size: int = knob(32, "Local batch size of classifier training.", low=1)
+    lr: float = knob(0.01, "SGD learning rate of the classifier.", low=0.0, low_open=True)
+    momentum: float = knob(0.9, "SGD momentum of the classifier.", low=0.0, high=1.0)
+    weight_decay: float = knob(5e-4, "SGD weight decay of the classifier.", low=0.0)
+    classifier_stem: str = knob("cifar", "ResNet-18 stem: cifar (3x3, stride 1, no "
+                                "max-pool) or imagenet (compat).", choices=STEMS)
+    classifier_norm: str = knob("group", "ResNet-18 normalisation: group (GroupNorm, robust "
+                                "to FedAvg on non-IID data) or batch (BatchNorm; running "
+                                "stats averaged like weights).", choices=NORMS)
+    # --- where things go
+    out_dir: str = knob("", "Output folder (absolute for flwr run); empty = "
+                        "outputs/<time>-<method>.")
+    cache_dir: str = knob("", "Client-side cache of synthetic batches; empty = a folder "
+                          "under the system temp dir, removed after the last round.")
+
+    # ------------------------------------------------------------------ parsing
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name.replace("_", "-") for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], base: "RunConfig | None" = None
+                     ) -> "RunConfig":
+        """Build a config from kebab-case keys over ``base`` (defaults if None)."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        parsed = dataclasses.asdict(base) if base is not None else {}
+        for key, raw in values.items():
+            name = str(key).replace("-", "_")
+            if name not in fields or "_" in str(key):
+                raise ConfigError(_unknown_key_message(str(key)))
+            parsed[name] = _coerce(str(key), raw, fields[name])
+        cfg = cls(**parsed)
+        cfg.validate()
+        return cfg
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The kebab-case run config (what ``flwr run --run-config`` takes)."""
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    # --------------------------------------------------------------- validation
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_rules(f.name.replace("_", "-"), getattr(self, f.name), f.metadata)
+        from fedgen.methods import METHODS  # the registry is the list of methods
+
+        if self.method not in METHODS:
+            raise ConfigError(f"method: unknown value {self.method!r}; allowed: "
+                              f"{', '.join(METHODS)}")
+        if not self.arm_list:
+            raise ConfigError("arms: give at least one of " + ", ".join(ARMS))
+        try:
+            channels = self.unet_channel_list
+        except ValueError:
+            raise ConfigError(f"unet-channels: expected comma-separated positive integers, "
+                              f"got {self.unet_channels!r}") from None
+        if not channels or min(channels) < 1:
+            raise ConfigError(f"unet-channels: expected positive integers, got "
+                              f"{self.unet_channels!r}")
+        bad = [c for c in channels if c % self.unet_norm_groups]
+        if bad:
+            raise ConfigError(f"unet-channels: {bad} not divisible by unet-norm-groups="
+                              f"{self.unet_norm_groups}")
+        if self.unet_attention_levels > len(channels):
+            raise ConfigError(f"unet-attention-levels: at most {len(channels)} (the number "
+                              f"of UNet levels), got {self.unet_attention_levels}")
+        if self.beta_end <= self.beta_start:
+            raise ConfigError(f"beta-end ({self.beta_end}) must exceed beta-start "
+                              f"({self.beta_start})")
+        if self.sampling_steps > self.num_train_timesteps:
+            raise ConfigError(f"sampling-steps ({self.sampling_steps}) exceeds "
+                              f"num-train-timesteps ({self.num_train_timesteps})")
+        if self.dataset in ("cifar10", "cifar100", "imagefolder") and not self.data_dir:
+            raise ConfigError(f"data-dir: dataset={self.dataset} reads a local folder; "
+                              f"set data-dir to it")
+        if "diffusion" in self.arm_list and self.diffusion_rounds == 0 \
+                and not self.diffusion_init:
+            raise ConfigError("diffusion-rounds=0 needs diffusion-init (a trained UNet "
+                              "folder) for the diffusion arm")
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def arm_list(self) -> tuple[str, ...]:
+        return tuple(a.strip() for a in self.arms.split(",") if a.strip())
+
+    @property
+    def unet_channel_list(self) -> tuple[int, ...]:
+        return tuple(int(c) for c in self.unet_channels.split(",") if c.strip())
+
+
+# ---------------------------------------------------------------------- helpers
+def _unknown_key_message(key: str) -> str:
+    close = difflib.get_close_matches(key.replace("_", "-"), RunConfig.keys(), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown config key {key!r}{hint}; known keys: {', '.join(RunConfig.keys())}"
+
+
+def _coerce(key: str, raw: Any, f: dataclasses.Field) -> Any:
+    """Turn a raw value (TOML/YAML scalar or --set string) into the field's type."""
+    kind = type(f.default)
+    if isinstance(raw, str) and kind is not str:
+        text = raw.strip()
+        try:
+            if kind is bool:
+                if text.lower() not in ("true", "false"):
+                    raise ValueError
+                return text.lower() == "true"
+            return kind(text) if kind is float else int(text)
+        except ValueError:
+            raise ConfigError(f"{key}: expected {kind.__name__}, got {raw!r}") from None
+    if kind is float and isinstance(raw, int) and not isinstance(raw, bool):
+        return float(raw)
+    if kind is int and isinstance(raw, float) and raw.is_integer():
+        return int(raw)
+    if not isinstance(raw, kind) or (kind is int and isinstance(raw, bool)):
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {raw!r}")
+    return raw
+
+
+def _check_rules(key: str, value: Any, rules: Mapping[str, Any]) -> None:
+    choices = rules.get("choices") or ()
+    if choices:
+        items = [v.strip() for v in value.split(",")] if rules.get("many") else [value]
+        for item in items:
+            if item not in choices:
+                raise ConfigError(f"{key}: unknown value {item!r}; allowed: "
+                                  f"{', '.join(choices)}")
+    low, high = rules.get("low"), rules.get("high")
+    if low is not None and (value < low or (rules.get("low_open") and value == low)):
+        op = ">" if rules.get("low_open") else ">="
+        raise ConfigError(f"{key} must be {op} {low:g}, got {value}")
+    if high is not None and value > high:
+        raise ConfigError(f"{key} must be <= {high:g}, got {value}")
+
+
+def read_preset(path: str | Path) -> dict[str, Any]:
+    """Read a preset file (TOML, or YAML) into raw key/value pairs."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    text = p.read_text()
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        else:
+            data = tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{p}: not valid {p.suffix.lstrip('.') or 'toml'}: {exc}") from None
+    if not isinstance(data, dict) or any(isinstance(v, (dict, list)) for v in data.values()):
+        raise ConfigError(f"{p}: expected flat key = value pairs (the run-config keys)")
+    return data
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    """Parse ``--set key=value`` strings."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        out[key.strip()] = value.strip().strip("'\"")
+    return out
+
+
+def load_config(preset: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults, then the preset file, then ``--set`` overrides."""
+    values: dict[str, Any] = read_preset(preset) if preset else {}
+    values.update(parse_overrides(overrides or []))
+    return RunConfig.from_mapping(values)
+
+
+def markdown_table() -> str:
+    """The README's table of keys, from the schema itself (``python -m fedgen.config``)."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(RunConfig):
+        meta = f.metadata
+        allowed = f" One of: {', '.join(meta['choices'])}." if meta["choices"] else ""
+        default = f'"{f.default}"' if isinstance(f.default, str) else f"{f.default:g}" \
+            if isinstance(f.default, float) else str(f.default)
+        rows.append(f"| `{f.name.replace('_', '-')}` | `{default}` | {meta['help']}{allowed} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -1,0 +1,30 @@
+"""The algorithm registry: config key ``method`` -> server strategy + client handlers.
+
+A new method lands here as one entry: a strategy subclass, and, where its clients differ,
+a client class registered for the phase it changes (for example a ClassifierClient
+subclass with a loss hook).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from flwr.client import NumPyClient
+
+from clients import PHASE_CLIENTS
+from strategies import FedAvgReal, FedDiffAug, PhasedFedAvg
+
+
+@dataclass(frozen=True)
+class Method:
+    strategy: type[PhasedFedAvg]
+    summary: str
+    clients: Mapping[str, type[NumPyClient]] = field(default_factory=lambda: PHASE_CLIENTS)
+
+
+METHODS: dict[str, Method] = {
+    "fed-diff-aug": Method(FedDiffAug, "federated DDPM + class-balancing augmentation "
+                                       "(methods.md A)"),
+    "fedavg": Method(FedAvgReal, "FedAvg on real data only"),
+}

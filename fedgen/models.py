@@ -1,0 +1,156 @@
+"""Models built from the config: the class-conditional UNet, its ONE noise schedule, the
+samplers derived from that schedule, and ResNet-18 with a CIFAR stem.
+
+Weights travel as the full ``state_dict`` (parameters AND buffers) in key order.
+BatchNorm policy: running means/variances are averaged like the weights (sample-weighted);
+``num_batches_tracked`` is averaged too and cast back to an integer (unused, since
+BatchNorm here has a fixed momentum).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torchvision
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
+                       SchedulerMixin, UNet2DModel)
+
+from fedgen.config import ConfigError, RunConfig
+
+SAMPLER_CLASSES: dict[str, type[SchedulerMixin]] = {
+    "ddpm": DDPMScheduler,  # ancestral sampling, Ho et al. 2020 eq. 11
+    "ddim": DDIMScheduler,  # eta = 0, Song et al. 2021 eq. 12
+    "dpm-solver": DPMSolverMultistepScheduler,  # DPM-Solver++ (2M), Lu et al. 2022
+}
+
+
+def _group_norm(channels: int) -> torch.nn.GroupNorm:
+    return torch.nn.GroupNorm(min(32, channels // 2), channels)
+
+
+# BatchNorm's running statistics, averaged by FedAvg, do not match the averaged weights
+# when clients' data differ (Hsieh et al., 2020): GroupNorm has no running statistics.
+NORM_LAYERS = {"batch": torch.nn.BatchNorm2d, "group": _group_norm}
+
+
+def device() -> torch.device:
+    """CUDA when present, else the CPU; chosen once, never hard-coded."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def unet_config(cfg: RunConfig, channels: int, num_classes: int, image_size: int) -> dict:
+    """The UNet2DModel config dict: attention in the ``unet-attention-levels`` lowest
+    resolutions, a class embedding for class-conditional sampling."""
+    widths = cfg.unet_channel_list
+    levels = len(widths)
+    attn = [i >= levels - cfg.unet_attention_levels for i in range(levels)]
+    down = ["AttnDownBlock2D" if a else "DownBlock2D" for a in attn]
+    up = ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)]
+    return dict(sample_size=image_size, in_channels=channels, out_channels=channels,
+                block_out_channels=widths, layers_per_block=cfg.unet_layers_per_block,
+                down_block_types=tuple(down), up_block_types=tuple(up),
+                num_class_embeds=num_classes, norm_num_groups=cfg.unet_norm_groups)
+
+
+def build_unet(cfg: RunConfig, channels: int, num_classes: int, image_size: int,
+               seed: int = 0) -> UNet2DModel:
+    """A fresh UNet (seeded), or the one saved under ``diffusion-init``."""
+    if cfg.diffusion_init:
+        return load_unet(cfg.diffusion_init, channels, num_classes, image_size)
+    torch.manual_seed(seed)
+    return UNet2DModel(**unet_config(cfg, channels, num_classes, image_size))
+
+
+def load_unet(path: str, channels: int, num_classes: int, image_size: int) -> UNet2DModel:
+    root = Path(path).expanduser()
+    folder = root / "unet" if (root / "unet" / "config.json").is_file() else root
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"diffusion-init {root}: no UNet found; expected a folder written "
+                          f"by save_pretrained (config.json + weights), or its parent with unet/")
+    unet = UNet2DModel.from_pretrained(folder)
+    c = unet.config
+    want = (channels, num_classes, image_size)
+    if (c.in_channels, c.num_class_embeds, c.sample_size) != want:
+        raise ConfigError(f"diffusion-init {root}: UNet has (channels, classes, size) = "
+                          f"{(c.in_channels, c.num_class_embeds, c.sample_size)}, the data "
+                          f"needs {want}")
+    return unet
+
+
+def build_scheduler(cfg: RunConfig) -> DDPMScheduler:
+    """The ONE noise schedule: used by ``add_noise`` in training and, through
+    ``from_config``, by every sampler."""
+    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps,
+                         beta_schedule=cfg.beta_schedule, beta_start=cfg.beta_start,
+                         beta_end=cfg.beta_end, clip_sample=True)
+
+
+def build_sampler(name: str, train_scheduler: SchedulerMixin) -> SchedulerMixin:
+    """A sampler sharing the training schedule's betas."""
+    if name not in SAMPLER_CLASSES:
+        raise ValueError(f"unknown sampler {name!r}; allowed: {', '.join(SAMPLER_CLASSES)}")
+    return SAMPLER_CLASSES[name].from_config(train_scheduler.config)
+
+
+def build_classifier(cfg: RunConfig, channels: int, num_classes: int,
+                     seed: int = 0) -> torch.nn.Module:
+    """torchvision ResNet-18 with ``classifier-norm`` layers; the CIFAR stem is a 3x3
+    stride-1 conv without max-pool."""
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet18(num_classes=num_classes,
+                                        norm_layer=NORM_LAYERS[cfg.classifier_norm])
+    if cfg.classifier_stem == "cifar":
+        model.conv1 = torch.nn.Conv2d(channels, 64, kernel_size=3, stride=1, padding=1,
+                                      bias=False)
+        model.maxpool = torch.nn.Identity()
+    else:
+        model.conv1 = torch.nn.Conv2d(channels, 64, kernel_size=7, stride=2, padding=3,
+                                      bias=False)
+    return model
+
+
+_SHELLS: dict[tuple, torch.nn.Module] = {}
+
+
+def reusable(key: tuple, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """One model instance per architecture and process, for callers that overwrite ALL its
+    weights with :func:`set_weights` before use: a fresh ResNet-18 costs ~0.3 s of random
+    initialisation per client per round on a CPU, for weights that are thrown away."""
+    if key not in _SHELLS:
+        _SHELLS[key] = build()
+    return _SHELLS[key]
+
+
+def classifier_shell(cfg: RunConfig, channels: int, num_classes: int) -> torch.nn.Module:
+    key = ("resnet18", cfg.classifier_stem, cfg.classifier_norm, channels, num_classes)
+    return reusable(key, lambda: build_classifier(cfg, channels, num_classes))
+
+
+def unet_shell(cfg: RunConfig, channels: int, num_classes: int, image_size: int) -> UNet2DModel:
+    conf = unet_config(cfg, channels, num_classes, image_size)
+    key = ("unet", *sorted((k, str(v)) for k, v in conf.items()))
+    return reusable(key, lambda: UNet2DModel(**conf))
+
+
+def get_weights(model: torch.nn.Module) -> list[np.ndarray]:
+    """Parameters and buffers, in ``state_dict`` order, as copies (on the CPU a bare
+    ``.numpy()`` would alias the live tensors, which the next training step changes)."""
+    return [v.detach().cpu().numpy().copy() for v in model.state_dict().values()]
+
+
+def set_weights(model: torch.nn.Module, arrays: list[np.ndarray]) -> None:
+    """Load arrays from :func:`get_weights` (each cast to the tensor's dtype)."""
+    state = model.state_dict()
+    if len(arrays) != len(state):
+        raise ValueError(f"expected {len(state)} arrays for {type(model).__name__}, "
+                         f"got {len(arrays)}")
+    new = {}
+    for (key, ref), arr in zip(state.items(), arrays):
+        t = torch.from_numpy(np.asarray(arr))
+        if t.shape != ref.shape:
+            raise ValueError(f"{key}: shape {tuple(t.shape)} != {tuple(ref.shape)}")
+        new[key] = t.round().to(ref.dtype) if not ref.is_floating_point() else t.to(ref.dtype)
+    model.load_state_dict(new)

@@ -1,0 +1,62 @@
+"""Figures of a run: accuracy curves, a sample grid per class, client x class balance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def accuracy_curves(arms: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm, entry in arms.items():
+        hist = entry["history"]
+        ax.plot([h["round"] for h in hist], [100 * h["accuracy"] for h in hist],
+                marker="o", label=arm)
+    ax.set(xlabel="classifier round", ylabel="test accuracy (%)",
+           title="Global ResNet-18, centralised test set")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def samples_grid(images: np.ndarray, labels: np.ndarray, classes: tuple[str, ...],
+                 path: Path, per_class: int = 10) -> None:
+    """Rows = classes, columns = the first ``per_class`` samples of that class."""
+    rows = len(classes)
+    fig, axes = plt.subplots(rows, per_class, figsize=(per_class * 0.8, rows * 0.8),
+                             squeeze=False)
+    for c in range(rows):
+        picks = np.flatnonzero(labels == c)[:per_class]
+        for j in range(per_class):
+            ax = axes[c, j]
+            ax.axis("off")
+            if j < len(picks):
+                img = images[picks[j]].transpose(1, 2, 0)
+                ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray",
+                          vmin=0, vmax=255)
+        axes[c, 0].text(-0.3, 0.5, classes[c], transform=axes[c, 0].transAxes,
+                        ha="right", va="center", fontsize=8)
+    fig.suptitle("Synthetic samples per class (global DDPM)")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def class_balance(before: np.ndarray, after: np.ndarray, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.4 * len(before) + 1.5))
+    vmax = max(before.max(), after.max(), 1)
+    for ax, data, title in ((axes[0], before, "real only"),
+                            (axes[1], after, "real + synthetic")):
+        im = ax.imshow(data, cmap="viridis", vmin=0, vmax=vmax, aspect="auto")
+        ax.set(xlabel="class", ylabel="client", title=title)
+        ax.set_xticks(range(data.shape[1]))
+        ax.set_yticks(range(data.shape[0]))
+    fig.colorbar(im, ax=axes, label="samples")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)

@@ -1,0 +1,140 @@
+"""Results of a run as files: ``results.json`` (rewritten atomically after every round, so
+an interrupted run keeps what it measured), ``rounds.csv`` (one row per round) and the
+plots of :mod:`fedgen.plots`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedgen import plots
+from fedgen.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+CSV_FIELDS = ("arm", "round", "server_round", "accuracy", "loss", "train_loss", "steps",
+              "train_samples", "seconds", "client_seconds")
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe copy: numpy to Python, NaN to None."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _clean(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+class Recorder:
+    """Collects what a run measures and writes it under ``out_dir``."""
+
+    def __init__(self, out_dir: str | Path, cfg: RunConfig, classes: tuple[str, ...]):
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.classes = classes
+        self.results: dict[str, Any] = {
+            "config": cfg.to_mapping(), "classes": list(classes), "partition": {},
+            "arms": {}, "generation": {}, "timings": {}, "checkpoint": None}
+        self._phase: tuple[str, float] | None = None
+        self._round_start = time.perf_counter()
+        self._csv = self.out / "rounds.csv"
+        with open(self._csv, "w", newline="") as fh:
+            csv.writer(fh).writerow(CSV_FIELDS)
+        self._samples: tuple[np.ndarray, np.ndarray] | None = None
+
+    # ------------------------------------------------------------ timing
+    def start_phase(self, name: str) -> None:
+        self.end_phase()
+        self._phase = (name, time.perf_counter())
+
+    def end_phase(self) -> None:
+        if self._phase is not None:
+            name, t0 = self._phase
+            timings = self.results["timings"]
+            timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t0, 3)
+            self._phase = None
+
+    def start_round(self) -> None:
+        self._round_start = time.perf_counter()
+
+    # ------------------------------------------------------------ content
+    def set_partition(self, sizes: dict[int, int], hist: np.ndarray) -> None:
+        self.results["partition"] = {
+            "sizes": [int(sizes.get(k, 0)) for k in range(len(hist))],
+            "histograms": hist.tolist()}
+        self.save()
+
+    def set_generation(self, counts: np.ndarray, labels: np.ndarray, images: np.ndarray,
+                       fidelity: float, per_class: list[float], seconds: float) -> None:
+        self.results["generation"] = {
+            "counts": counts.tolist(), "total": int(counts.sum()),
+            "fidelity": fidelity, "per_class_fidelity": per_class,
+            "seconds": round(seconds, 3)}
+        self._samples = (images, labels)
+        plots.samples_grid(images, labels, self.classes, self.out / "samples.png")
+        self.save()
+
+    def set_checkpoint(self, path: Path) -> None:
+        self.results["checkpoint"] = str(path)
+        self.save()
+
+    def log_diffusion_round(self, rnd: int, loss: float) -> None:
+        hist = self.results.setdefault("diffusion", {"history": []})["history"]
+        hist.append({"round": rnd, "train_loss": loss})
+
+    def log_round(self, arm: str, rnd: int, server_round: int, test: dict,
+                  train: dict) -> None:
+        """One classifier round of ``arm``: centralised test metrics + client training."""
+        seconds = round(time.perf_counter() - self._round_start, 3)
+        row = {"arm": arm, "round": rnd, "server_round": server_round,
+               "accuracy": test["accuracy"], "loss": test["loss"],
+               "train_loss": train.get("loss"), "steps": train.get("steps"),
+               "train_samples": train.get("samples"), "seconds": seconds,
+               "client_seconds": round(train.get("client_seconds", 0.0), 3)}
+        with open(self._csv, "a", newline="") as fh:
+            csv.writer(fh).writerow([row[k] for k in CSV_FIELDS])
+        entry = self.results["arms"].setdefault(arm, {"history": [], "steps": 0})
+        entry["history"].append({k: row[k] for k in CSV_FIELDS if k != "arm"})
+        entry["steps"] += int(train.get("steps") or 0)
+        entry["train_samples_per_round"] = train.get("samples")
+        accs = [h["accuracy"] for h in entry["history"]]
+        entry.update(final_accuracy=accs[-1], best_accuracy=max(accs),
+                     first_round_accuracy=accs[0],
+                     per_class_accuracy=test["per_class_accuracy"])
+        self.save()
+
+    # ------------------------------------------------------------ output
+    def save(self) -> None:
+        tmp = self.out / "results.json.tmp"
+        tmp.write_text(json.dumps(_clean(self.results), indent=2))
+        os.replace(tmp, self.out / "results.json")
+
+    def finish(self) -> None:
+        """Close timings, write the final JSON and the plots."""
+        self.end_phase()
+        self.results["timings"]["total"] = round(
+            sum(v for k, v in self.results["timings"].items() if k != "total"), 3)
+        self.save()
+        plots.accuracy_curves(self.results["arms"], self.out / "accuracy.png")
+        part = self.results.get("partition", {})
+        if part.get("histograms"):
+            before = np.asarray(part["histograms"])
+            counts = self.results["generation"].get("counts")
+            after = before + np.asarray(counts) if counts else before
+            plots.class_balance(before, after, self.out / "class_balance.png")
+        log.info("results written to %s", self.out)

@@ -1,0 +1,53 @@
+"""The Flower ServerApp: ``flwr run .`` loads ``app``; run_simulation.py builds one with
+:func:`make_server_app` around an already validated config."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from flwr.common import Context
+from flwr.server import ServerApp, ServerAppComponents, ServerConfig
+
+from fedgen.config import RunConfig
+from fedgen.data import load_data
+from fedgen.methods import METHODS
+from fedgen.results import Recorder
+
+log = logging.getLogger(__name__)
+
+
+def default_out_dir(cfg: RunConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("outputs") / f"{stamp}-{cfg.method}-{cfg.dataset}"
+
+
+def build_strategy(cfg: RunConfig):
+    """The method's strategy, with the server's data and a recorder for the outputs."""
+    out = Path(cfg.out_dir or default_out_dir(cfg)).resolve()
+    cfg = cfg.replace(out_dir=str(out))
+    data = load_data(cfg)
+    strategy = METHODS[cfg.method].strategy(cfg, data, Recorder(out, cfg, data.classes))
+    log.info("%s: %d rounds (%s); outputs in %s", cfg.method, strategy.num_rounds,
+             ", ".join(f"{p.name}x{p.rounds}" for p in strategy.phases), out)
+    return strategy
+
+
+def components(cfg: RunConfig) -> ServerAppComponents:
+    strategy = build_strategy(cfg)
+    return ServerAppComponents(strategy=strategy,
+                               config=ServerConfig(num_rounds=strategy.num_rounds))
+
+
+def server_fn(context: Context) -> ServerAppComponents:
+    for name in ("fedgen", "strategies", "clients"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    return components(RunConfig.from_mapping(context.run_config))
+
+
+def make_server_app(cfg: RunConfig) -> ServerApp:
+    return ServerApp(server_fn=lambda context: components(cfg))
+
+
+app = ServerApp(server_fn=server_fn)

@@ -1,0 +1,7 @@
+"""Server strategies: small subclasses of Flower's FedAvg, one per file."""
+
+from strategies.fed_diff_aug import FedDiffAug
+from strategies.fedavg import FedAvgReal
+from strategies.phased import Phase, PhasedFedAvg
+
+__all__ = ["FedAvgReal", "FedDiffAug", "Phase", "PhasedFedAvg"]

@@ -1,0 +1,156 @@
+"""Federated DDPM + class-balancing augmentation (methods.md A; seed 000).
+
+Phases: ``diffusion-rounds`` of FedAvg over a class-conditional UNet, a stats round, a
+generation round in which the server samples with the global UNet and ships every client
+its own class-balancing batch, then one classifier phase per arm.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+from diffusers import DDPMPipeline, UNet2DModel
+from flwr.common import Parameters, ndarrays_to_parameters
+from flwr.server.client_proxy import ClientProxy
+
+from fedgen.balancing import fill_to_max
+from fedgen.diffusion import sample
+from fedgen.fidelity import ReferenceClassifier
+from fedgen.models import (build_sampler, build_scheduler, build_unet, get_weights,
+                           set_weights, unet_shell)
+from fedgen.seeds import derive_seed
+from strategies.phased import EMPTY, Aggregated, Phase, PhasedFedAvg, Results
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[np.ndarray, np.ndarray]  # uint8 images (N, C, H, W), int64 labels (N,)
+
+
+class FedDiffAug(PhasedFedAvg):
+    """Federated DDPM, then class-balancing synthetic data for FedAvg classification.
+
+    Hooks a researcher overrides: :meth:`deficit_plan` (which classes get how many
+    samples), :meth:`generate` (how they are produced), :meth:`aggregate_diffusion` (how
+    UNet weights are combined).
+    """
+
+    supported_arms = ("real", "oversample", "noise", "diffusion")
+    generative_arm = "diffusion"
+
+    def __init__(self, *args, **kwargs):
+        self.unet_weights: list[np.ndarray] | None = None
+        self.synthetic: dict[int, Batch] = {}
+        super().__init__(*args, **kwargs)
+        self.scheduler = build_scheduler(self.cfg)
+
+    def plan(self) -> list[Phase]:
+        if self.generative_arm not in self.arms:
+            return super().plan()
+        head = [Phase("diffusion", self.cfg.diffusion_rounds, sends_weights=True)] \
+            if self.cfg.diffusion_rounds > 0 else []
+        stats, *classify = super().plan()
+        return [*head, stats, Phase("generation", 1, arm=self.generative_arm, all_clients=True),
+                *classify]
+
+    def aggregators(self):
+        return {**super().aggregators(), "diffusion": self.aggregate_diffusion,
+                "generation": lambda phase, rnd, results: (None, {})}
+
+    # -------------------------------------------------------------- phases
+    def start_phase(self, phase: Phase):
+        start = super().start_phase(phase)
+        if phase.kind == "diffusion":
+            unet = self.build_unet()
+            return get_weights(unet)
+        if phase.kind == "generation":
+            if self.unet_weights is None:  # diffusion-rounds = 0: use diffusion-init as is
+                self.unet_weights = get_weights(self.build_unet())
+            self.synthetic = self.generate(self.deficit_plan(self.histograms))
+        return start
+
+    def fit_config(self, phase: Phase, rnd: int, server_round: int):
+        config = super().fit_config(phase, rnd, server_round)
+        if phase.kind == "diffusion":
+            config.update({"epochs": self.cfg.diffusion_epochs,
+                           "batch-size": self.cfg.diffusion_batch_size,
+                           "lr": self.cfg.diffusion_lr})
+        return config
+
+    def payload_for(self, phase: Phase, client: ClientProxy, parameters: Parameters):
+        """In the generation round each client gets a FRESH payload: its own batch."""
+        if phase.kind != "generation":
+            return parameters
+        pid = self.partition_of.get(client.cid)
+        if pid is None or pid not in self.synthetic:
+            return EMPTY
+        images, labels = self.synthetic[pid]
+        return ndarrays_to_parameters([images, labels])
+
+    # ---------------------------------------------------------------- hooks
+    def aggregate_diffusion(self, phase: Phase, rnd: int, results: Results) -> Aggregated:
+        """Average the clients' UNets: sample-weighted, or uniform (the original's compat)."""
+        uniform = self.cfg.diffusion_aggregation == "uniform"
+        self.unet_weights = self.aggregate_weights(results, uniform=uniform)
+        loss = self._train_metrics.get("loss", float("nan"))
+        self.recorder.log_diffusion_round(rnd, loss)
+        log.info("[diffusion] round %d/%d  denoising loss %.4f", rnd, phase.rounds, loss)
+        if rnd == phase.rounds:
+            self.save_unet()
+        return ndarrays_to_parameters(self.unet_weights), self._train_metrics
+
+    def deficit_plan(self, histograms: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+        """Synthetic samples per class for each client: fill-to-max scaled by
+        ``augment-ratio`` (methods.md, shared vocabulary)."""
+        return {pid: fill_to_max(h, self.cfg.augment_ratio) for pid, h in histograms.items()}
+
+    def generate(self, plan: dict[int, np.ndarray]) -> dict[int, Batch]:
+        """Sample every client's deficits class-conditionally with the global UNet, in one
+        seeded pass, and cut the result into per-client batches."""
+        t0 = time.perf_counter()
+        pids = sorted(plan)
+        labels = [np.repeat(np.arange(len(plan[p])), plan[p]) for p in pids]
+        all_labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+        log.info("generation: %d samples for %d clients (%s, %d steps)", len(all_labels),
+                 len(pids), self.cfg.sampler, self.cfg.sampling_steps)
+        unet = self.global_unet()
+        images = sample(unet, build_sampler(self.cfg.sampler, self.scheduler), all_labels,
+                        steps=self.cfg.sampling_steps, seed=derive_seed(self.cfg.seed, "generate"),
+                        device=self.device, batch_size=self.cfg.generation_batch_size)
+        cuts = np.cumsum([len(x) for x in labels])[:-1]
+        batches = {p: (im, lab.astype(np.int64)) for p, im, lab in
+                   zip(pids, np.split(images, cuts), labels)}
+        self.record_generation(plan, images, all_labels, time.perf_counter() - t0)
+        return batches
+
+    # -------------------------------------------------------------- helpers
+    def build_unet(self):
+        return build_unet(self.cfg, self.data.channels, self.data.num_classes,
+                          self.data.image_size, seed=derive_seed(self.cfg.seed, "unet-init"))
+
+    def global_unet(self) -> UNet2DModel:
+        """A UNet holding the current global weights."""
+        unet = unet_shell(self.cfg, self.data.channels, self.data.num_classes,
+                          self.data.image_size)
+        set_weights(unet, self.unet_weights)
+        return unet
+
+    def record_generation(self, plan, images, labels, seconds: float) -> None:
+        ref = ReferenceClassifier(self.data.train_x, self.data.train_y, seed=self.cfg.seed)
+        fidelity = ref.accuracy(images, labels)
+        per_class = [ref.accuracy(images[labels == c], labels[labels == c])
+                     for c in range(self.data.num_classes)]
+        k = max(plan) + 1 if plan else 0
+        counts = np.stack([plan.get(i, np.zeros(self.data.num_classes, np.int64))
+                           for i in range(k)]) if k else np.zeros((0, self.data.num_classes))
+        self.recorder.set_generation(counts, labels, images, fidelity, per_class, seconds)
+        log.info("generation: %d samples in %.1f s, fidelity %.1f%% (reference classifier)",
+                 len(labels), seconds, 100 * fidelity)
+
+    def save_unet(self) -> None:
+        """The global DDPM, loadable by stock diffusers (``DDPMPipeline.from_pretrained``)."""
+        unet = self.global_unet()
+        path = self.recorder.out / "ddpm"
+        DDPMPipeline(unet=unet, scheduler=self.scheduler).save_pretrained(path)
+        self.recorder.set_checkpoint(path)

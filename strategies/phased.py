@@ -1,0 +1,235 @@
+"""The phased strategy every method builds on.
+
+A run is a sequence of :class:`Phase` s, each some Flower rounds long: a stats round (clients
+report label histograms), then one classifier phase per arm (FedAvg over ResNet-18 with
+centralised evaluation). Subclasses add phases by overriding :meth:`PhasedFedAvg.plan`
+and register their aggregation in :meth:`PhasedFedAvg.aggregators`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from flwr.common import (FitIns, FitRes, Parameters, Scalar, ndarrays_to_parameters,
+                         parameters_to_ndarrays)
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAvg
+
+from fedgen.aggregation import weighted_average
+from fedgen.classifier import evaluate
+from fedgen.config import RunConfig
+from fedgen.data import ImageData
+from fedgen.models import (build_classifier, classifier_shell, device, get_weights,
+                           set_weights)
+from fedgen.results import Recorder
+from fedgen.seeds import derive_seed
+
+log = logging.getLogger(__name__)
+
+Results = list[tuple[ClientProxy, FitRes]]
+Aggregated = tuple[Parameters | None, dict[str, Scalar]]
+EMPTY = Parameters(tensors=[], tensor_type="numpy.ndarray")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """``kind`` is the client handler (fit config ``phase``); ``arm`` the data variant."""
+
+    kind: str
+    rounds: int
+    arm: str = ""
+    sends_weights: bool = False   # does the client need the current global weights?
+    all_clients: bool = False     # every client, regardless of fraction-fit
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}:{self.arm}" if self.arm else self.kind
+
+
+class PhasedFedAvg(FedAvg):
+    """FedAvg (McMahan et al., 2017) over a plan of phases, with a stats round.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        The run's configuration.
+    data : ImageData
+        The server's data: its test split drives centralised evaluation.
+    recorder : Recorder
+        Where results, timings and plots go.
+    """
+
+    supported_arms: tuple[str, ...] = ("real", "oversample", "noise")
+
+    def __init__(self, cfg: RunConfig, data: ImageData, recorder: Recorder):
+        super().__init__(fraction_fit=cfg.fraction_fit, fraction_evaluate=0.0,
+                         min_fit_clients=1, min_evaluate_clients=0,
+                         min_available_clients=cfg.num_clients, accept_failures=True)
+        self.cfg, self.data, self.recorder = cfg, data, recorder
+        self.device = device()
+        self.arms = self.select_arms(cfg.arm_list)
+        self.phases = self.plan()
+        self.schedule = [(p, r) for p in self.phases for r in range(1, p.rounds + 1)]
+        self.histograms: dict[int, np.ndarray] = {}   # partition id -> label counts
+        self.partition_of: dict[str, int] = {}        # client cid -> partition id
+        self._train_metrics: dict[str, float] = {}
+        self._classifier_init = get_weights(self._classifier(
+            seed=derive_seed(cfg.seed, "classifier-init")))
+
+    # ----------------------------------------------------------------- the plan
+    def select_arms(self, requested: tuple[str, ...]) -> tuple[str, ...]:
+        """The requested arms this method can run (others are dropped with a warning)."""
+        dropped = [a for a in requested if a not in self.supported_arms]
+        if dropped:
+            log.warning("method %s does not run arm(s) %s; running %s", self.cfg.method,
+                        ", ".join(dropped), ", ".join(self.supported_arms))
+        return tuple(a for a in requested if a in self.supported_arms) or ("real",)
+
+    def plan(self) -> list[Phase]:
+        """The phases of the run, in order."""
+        return [Phase("stats", 1, all_clients=True),
+                *(Phase("classify", self.cfg.classifier_rounds, arm=a, sends_weights=True)
+                  for a in self.arms)]
+
+    @property
+    def num_rounds(self) -> int:
+        return len(self.schedule)
+
+    def locate(self, server_round: int) -> tuple[Phase, int]:
+        """The phase of a server round and the round number inside that phase."""
+        return self.schedule[server_round - 1]
+
+    def aggregators(self) -> dict[str, Callable[[Phase, int, Results], Aggregated]]:
+        """Phase kind -> how its results are aggregated."""
+        return {"stats": self.aggregate_stats, "classify": self.aggregate_classifier}
+
+    # ------------------------------------------------------------ Flower hooks
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        first = self.phases[0]
+        start = self.start_phase(first)
+        return ndarrays_to_parameters(start) if start is not None else EMPTY
+
+    def configure_fit(self, server_round: int, parameters: Parameters,
+                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        phase, rnd = self.locate(server_round)
+        if rnd == 1 and server_round > 1:
+            start = self.start_phase(phase)
+            if start is not None:
+                parameters = ndarrays_to_parameters(start)
+        self.recorder.start_round()
+        config = self.fit_config(phase, rnd, server_round)
+        sent = parameters if phase.sends_weights else EMPTY
+        return [(client, FitIns(self.payload_for(phase, client, sent), dict(config)))
+                for client in self.select_clients(phase, client_manager)]
+
+    def aggregate_fit(self, server_round: int, results: Results,
+                      failures: list) -> Aggregated:
+        phase, rnd = self.locate(server_round)
+        if failures:
+            log.warning("round %d (%s): %d client(s) failed: %s", server_round, phase.name,
+                        len(failures), failures[0] if not isinstance(failures[0], tuple)
+                        else "no result")
+        if not results:
+            raise RuntimeError(f"round {server_round} ({phase.name}): every client failed; "
+                               f"first failure: {failures[0] if failures else 'none'}")
+        self._train_metrics = self.train_summary(results)
+        return self.aggregators()[phase.kind](phase, rnd, results)
+
+    def evaluate(self, server_round: int, parameters: Parameters):
+        if server_round == 0:
+            return None
+        phase, rnd = self.locate(server_round)
+        if phase.kind != "classify":
+            return None
+        model = classifier_shell(self.cfg, self.data.channels, self.data.num_classes)
+        set_weights(model, parameters_to_ndarrays(parameters))
+        res = evaluate(model, self.data.test_x, self.data.test_y, self.data.num_classes,
+                       self.device)
+        self.recorder.log_round(phase.arm, rnd, server_round, res, self._train_metrics)
+        log.info("[%s] round %d/%d  test accuracy %.2f%%  (train loss %.3f, %d samples)",
+                 phase.name, rnd, phase.rounds, 100 * res["accuracy"],
+                 self._train_metrics.get("loss", float("nan")),
+                 self._train_metrics.get("samples", 0))
+        if server_round == self.num_rounds:
+            self.recorder.finish()
+        return res["loss"], {"accuracy": res["accuracy"]}
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        return []  # evaluation is centralised on the server's test split
+
+    # -------------------------------------------------------- overridable parts
+    def start_phase(self, phase: Phase) -> list[np.ndarray] | None:
+        """Called once at a phase's first round; returns the weights it starts from
+        (None = keep the current global weights). Classifier arms all start from the same
+        seeded ResNet-18."""
+        self.recorder.start_phase(phase.name)
+        log.info("phase %s: %d round(s)", phase.name, phase.rounds)
+        return self._classifier_init if phase.kind == "classify" else None
+
+    def fit_config(self, phase: Phase, rnd: int, server_round: int) -> dict[str, Scalar]:
+        """Settings the clients read: what to do this round, and how."""
+        config: dict[str, Scalar] = {"phase": phase.kind, "arm": phase.arm,
+                                     "round": rnd, "server-round": server_round,
+                                     "last-round": server_round == self.num_rounds}
+        if phase.kind == "classify":
+            config.update({"epochs": self.cfg.local_epochs, "batch-size": self.cfg.batch_size,
+                           "lr": self.cfg.lr})
+        # clients mix in their partition id (clients.local.LocalData.seed)
+        config["seed"] = derive_seed(self.cfg.seed, phase.name, server_round)
+        return config
+
+    def select_clients(self, phase: Phase, client_manager: ClientManager) -> list[ClientProxy]:
+        """Every client for data rounds; a ``fraction-fit`` sample for training rounds."""
+        if phase.all_clients:
+            client_manager.wait_for(self.cfg.num_clients)
+            return list(client_manager.all().values())
+        n, min_n = self.num_fit_clients(client_manager.num_available())
+        return client_manager.sample(num_clients=n, min_num_clients=min_n)
+
+    def payload_for(self, phase: Phase, client: ClientProxy, parameters: Parameters
+                    ) -> Parameters:
+        """What one client receives; the default is the same for every client."""
+        return parameters
+
+    def aggregate_weights(self, results: Results, uniform: bool = False) -> list[np.ndarray]:
+        """Sample-weighted FedAvg of the clients' arrays (``uniform``: plain mean)."""
+        models = [parameters_to_ndarrays(r.parameters) for _, r in results]
+        weights = [1.0 if uniform else float(r.num_examples) for _, r in results]
+        return weighted_average(models, weights)
+
+    def aggregate_classifier(self, phase: Phase, rnd: int, results: Results) -> Aggregated:
+        return ndarrays_to_parameters(self.aggregate_weights(results)), self._train_metrics
+
+    def aggregate_stats(self, phase: Phase, rnd: int, results: Results) -> Aggregated:
+        """Learn each client's partition id and label histogram (nothing else)."""
+        for client, res in results:
+            pid = int(res.metrics["partition-id"])
+            self.partition_of[client.cid] = pid
+            self.histograms[pid] = np.asarray(json.loads(str(res.metrics["histogram"])),
+                                              dtype=np.int64)
+        k = max(self.histograms) + 1
+        hist = np.stack([self.histograms.get(i, np.zeros(self.data.num_classes, np.int64))
+                         for i in range(k)])
+        self.recorder.set_partition({i: int(h.sum()) for i, h in self.histograms.items()}, hist)
+        log.info("stats: %d clients, sizes %s", len(self.histograms), hist.sum(1).tolist())
+        return None, {}
+
+    @staticmethod
+    def train_summary(results: Results) -> dict[str, float]:
+        """Steps, samples and sample-weighted training loss of a round."""
+        n = [r.num_examples for _, r in results]
+        losses = [float(r.metrics.get("loss", np.nan)) for _, r in results]
+        return {"steps": int(sum(int(r.metrics.get("steps", 0)) for _, r in results)),
+                "client_seconds": float(sum(float(r.metrics.get("client-seconds", 0.0))
+                                            for _, r in results)),
+                "samples": int(sum(n)),
+                "loss": float(np.average(losses, weights=n)) if sum(n) else float("nan")}
+
+    def _classifier(self, seed: int = 0):
+        return build_classifier(self.cfg, self.data.channels, self.data.num_classes, seed)
+

@@ -1,0 +1,47 @@
+import numpy as np
+import pytest
+
+from fedgen.aggregation import weighted_average
+from fedgen.balancing import fill_to_max, noise_fill, oversample
+
+
+def test_fill_to_max_fills_every_class_including_absent_ones():
+    counts = np.array([10, 4, 0, 7])
+    assert fill_to_max(counts, 1.0).tolist() == [0, 6, 10, 3]
+    assert fill_to_max(counts, 0.5).tolist() == [0, 3, 5, 2]  # round(1.5) = 2
+    assert fill_to_max(counts, 0.0).tolist() == [0, 0, 0, 0]
+    balanced = counts + fill_to_max(counts, 1.0)
+    assert (balanced == 10).all()
+
+
+def test_fill_to_max_works_per_client_row():
+    counts = np.array([[5, 0], [1, 3]])
+    assert fill_to_max(counts, 1.0).tolist() == [[0, 5], [2, 0]]
+
+
+def test_oversample_and_noise_leave_absent_classes_absent():
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 0, 0, 1])
+    images = np.stack([np.full((1, 2, 2), 10 * i, np.uint8) for i in range(4)])
+    deficits = fill_to_max(np.bincount(labels, minlength=3), 1.0)  # [0, 2, 3]
+    x, y = oversample(images, labels, deficits, rng)
+    assert sorted(y.tolist()) == [1, 1]
+    assert (x == 30).all()  # copies of the only class-1 image
+    xn, yn = noise_fill(images, labels, deficits, 0.1, rng)
+    assert sorted(yn.tolist()) == [1, 1] and not (xn == 30).all()
+    assert np.abs(xn.astype(int) - 30).max() < 80
+
+
+def test_weighted_average_weights_by_samples():
+    a = [np.array([0.0, 0.0]), np.array([10], dtype=np.int64)]
+    b = [np.array([4.0, 8.0]), np.array([20], dtype=np.int64)]
+    avg = weighted_average([a, b], [1, 3])
+    assert np.allclose(avg[0], [3.0, 6.0])
+    assert avg[1].dtype == np.int64 and avg[1].tolist() == [18]  # 17.5 rounds to even 18
+    uniform = weighted_average([a, b], [1, 1])
+    assert np.allclose(uniform[0], [2.0, 4.0])
+
+
+def test_weighted_average_rejects_bad_weights():
+    with pytest.raises(ValueError):
+        weighted_average([[np.zeros(1)]], [0])

@@ -1,0 +1,70 @@
+"""run_simulation.py: bad input fails fast and cleanly; the smoke preset runs through Ray."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from fedgen.simulation import main
+
+
+def run_cli(*args, timeout=600):
+    return subprocess.run([sys.executable, str(ROOT / "run_simulation.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_bad_key_exits_2_with_one_line_and_no_traceback():
+    proc = run_cli("--set", "alhpa=0.5")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown config key 'alhpa'")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--set", "alpha=0"], ["alpha must be > 0"]),
+    (["--set", "num-clients=0"], ["num-clients must be >= 1"]),
+    (["--set", "dataset=svhn"], ["dataset: unknown value 'svhn'"]),
+    (["--set", "arms=real,gan"], ["arms: unknown value 'gan'"]),
+    (["--set", "method=fedgen"], ["method: unknown value 'fedgen'"]),
+    (["--config", "configs/missing.toml"], ["config file not found", "missing.toml"]),
+    (["--set", "dataset=cifar10", "--set", "data-dir=/nonexistent/cifar"],
+     ["/nonexistent/cifar", "cifar-10-batches-py"]),
+    (["--set", "diffusion-init=/nonexistent/ddpm"], ["/nonexistent/ddpm", "save_pretrained"]),
+    (["--set", "noequals"], ["--set expects key=value"]),
+])
+def test_bad_input_is_rejected_before_work(args, words, capsys, tmp_path):
+    assert main([*args, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err
+    assert not (tmp_path / "out").exists()  # nothing started
+
+
+def test_existing_results_are_never_overwritten(tmp_path, capsys):
+    out = tmp_path / "done"
+    out.mkdir()
+    (out / "results.json").write_text('{"keep": true}')
+    assert main(["--out", str(out)]) == 2
+    assert "already holds results.json" in capsys.readouterr().err
+    assert json.loads((out / "results.json").read_text()) == {"keep": True}
+
+
+def test_help():
+    proc = run_cli("--help")
+    assert proc.returncode == 0 and "--config" in proc.stdout and "--set" in proc.stdout
+
+
+def test_smoke_preset_runs_through_the_ray_simulation(tmp_path):
+    out = tmp_path / "smoke"
+    proc = run_cli("--config", "configs/smoke.toml", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["arms"]) == ["real", "oversample", "noise", "diffusion"]
+    for arm in res["arms"].values():
+        assert 0.0 <= arm["final_accuracy"] <= 1.0
+    assert res["config"]["num-clients"] == 3 and res["generation"]["total"] > 0
+    for arm in res["arms"]:
+        assert f"| {arm} |" in proc.stdout
+    assert (out / "ddpm" / "unet" / "config.json").is_file()

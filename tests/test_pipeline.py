@@ -1,0 +1,97 @@
+"""The whole method through Flower's real Server loop, clients in-process (no Ray)."""
+
+import json
+import re
+
+import numpy as np
+
+from conftest import ROOT, run_in_process, tiny_config
+from flwr.common import parameters_to_ndarrays
+
+from fedgen.balancing import fill_to_max
+from fedgen.methods import METHODS
+
+
+def test_each_client_gets_its_own_class_balancing_batch(tmp_path):
+    cfg = tiny_config(tmp_path)
+    strategy, proxies = run_in_process(cfg)
+    kinds = [p.kind for p in strategy.phases]
+    assert kinds == ["diffusion", "stats", "generation", *["classify"] * 4]
+    gen_round = 1 + cfg.diffusion_rounds + 1
+    payloads = {}
+    for proxy in proxies:
+        ins = proxy.received[gen_round - 1]
+        assert ins.config["phase"] == "generation"
+        images, labels = parameters_to_ndarrays(ins.parameters)
+        pid = proxy.client.numpy_client.local.partition_id
+        expected = fill_to_max(strategy.histograms[pid], cfg.augment_ratio)
+        assert images.dtype == np.uint8 and images.shape[1:] == (1, 8, 8)
+        assert np.bincount(labels, minlength=10).tolist() == expected.tolist()
+        payloads[pid] = images
+    # distinct payloads, and distinct FitIns objects
+    assert len({p.tobytes() for p in payloads.values()}) == len(payloads)
+    assert len({id(p.received[gen_round - 1]) for p in proxies}) == len(proxies)
+    # the stats round carried no weights; diffusion rounds carried the UNet
+    assert proxies[0].received[gen_round - 2].parameters.tensors == []
+    assert len(proxies[0].received[0].parameters.tensors) > 0
+
+
+def test_run_writes_results_plots_and_checkpoint(tmp_path):
+    cfg = tiny_config(tmp_path, arms="real,diffusion")
+    strategy, _ = run_in_process(cfg)
+    out = tmp_path / "out"
+    res = json.loads((out / "results.json").read_text())
+    for arm in ("real", "diffusion"):
+        entry = res["arms"][arm]
+        assert 0 <= entry["final_accuracy"] <= 1 and entry["best_accuracy"] >= entry["final_accuracy"]
+        assert len(entry["history"]) == cfg.classifier_rounds
+    assert res["arms"]["diffusion"]["train_samples_per_round"] > res["arms"]["real"]["train_samples_per_round"]
+    assert len(res["partition"]["histograms"]) == cfg.num_clients
+    assert sum(res["partition"]["sizes"]) == 1437
+    gen = res["generation"]
+    assert gen["total"] == int(np.asarray(gen["counts"]).sum()) > 0
+    assert 0 <= gen["fidelity"] <= 1
+    assert {"diffusion", "stats", "generation:diffusion", "classify:real", "total"} <= set(res["timings"])
+    for name in ("rounds.csv", "accuracy.png", "samples.png", "class_balance.png",
+                 "ddpm/model_index.json", "ddpm/unet/config.json"):
+        assert (out / name).is_file(), name
+    lines = (out / "rounds.csv").read_text().splitlines()
+    assert lines[0].startswith("arm,round") and len(lines) == 1 + 2 * cfg.classifier_rounds
+    # the client store is cleaned after the last round
+    assert not any((tmp_path / "cache").rglob("*.npz"))
+
+
+def test_arms_share_one_partition_and_one_classifier_init(tmp_path):
+    cfg = tiny_config(tmp_path, arms="real,oversample")
+    strategy, proxies = run_in_process(cfg)
+    first = {ins.config["arm"]: parameters_to_ndarrays(ins.parameters)
+             for ins in proxies[0].received if ins.config.get("round") == 1
+             and ins.config["phase"] == "classify"}
+    assert all(np.array_equal(a, b) for a, b in zip(first["real"], first["oversample"]))
+    assert strategy.phases[0].kind == "stats"  # no DDPM without the diffusion arm
+
+
+def test_fedavg_method_runs_real_only(tmp_path):
+    cfg = tiny_config(tmp_path, method="fedavg")
+    strategy, _ = run_in_process(cfg)
+    assert strategy.arms == ("real",)
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert list(res["arms"]) == ["real"] and res["generation"] == {}
+
+
+def test_readme_custom_strategy_runs(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"```python\n(# custom_strategy\.py.*?)```", readme, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "README custom strategy", "exec"), namespace)
+    try:
+        cfg = tiny_config(tmp_path, method="half-gap", arms="real,diffusion")
+        strategy, proxies = run_in_process(cfg)
+        assert type(strategy).__name__ == "HalfGap"
+        full = {pid: fill_to_max(h, cfg.augment_ratio) for pid, h in strategy.histograms.items()}
+        res = json.loads((tmp_path / "out" / "results.json").read_text())
+        counts = np.asarray(res["generation"]["counts"])
+        expected = np.stack([full[k] // 2 for k in range(cfg.num_clients)])
+        assert np.array_equal(counts, expected)
+    finally:
+        METHODS.pop("half-gap", None)
