@@ -72,7 +72,7 @@ class RunConfig:
     fraction_fit: float = knob(1.0, "Share of clients sampled per training round.",
                                low=0.0, high=1.0, low_open=True)
     # --- federated DDPM
-    diffusion_rounds: int = knob(10, "FedAvg rounds over the UNet (0 = use diffusion-init "
+    diffusion_rounds: int = knob(8, "FedAvg rounds over the UNet (0 = use diffusion-init "
                                  "as is).", low=0)
     diffusion_epochs: int = knob(5, "Local epochs per diffusion round.", low=1)
     diffusion_batch_size: int = knob(32, "Local batch size of DDPM training.", low=1)
@@ -101,7 +101,7 @@ class RunConfig:
                                 low=0.0)
     noise_sigma: float = knob(0.1, "Pixel noise of the noise arm, in [-1, 1] units.", low=0.0)
     # --- classifier
-    classifier_rounds: int = knob(5, "FedAvg rounds of ResNet-18 per arm.", low=1)
+    classifier_rounds: int = knob(4, "FedAvg rounds of ResNet-18 per arm.", low=1)
     local_epochs: int = knob(1, "Local epochs per classifier round.", low=1)
     batch_size: int = knob(32, "Local batch size of classifier training.", low=1)
     lr: float = knob(0.01, "SGD learning rate of the classifier.", low=0.0, low_open=True)

@@ -9,6 +9,7 @@ BatchNorm here has a fixed momentum).
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -112,16 +113,18 @@ def build_classifier(cfg: RunConfig, channels: int, num_classes: int,
     return model
 
 
-_SHELLS: dict[tuple, torch.nn.Module] = {}
+_SHELLS = threading.local()
 
 
 def reusable(key: tuple, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-    """One model instance per architecture and process, for callers that overwrite ALL its
+    """One model instance per architecture and thread, for callers that overwrite ALL its
     weights with :func:`set_weights` before use: a fresh ResNet-18 costs ~0.3 s of random
-    initialisation per client per round on a CPU, for weights that are thrown away."""
-    if key not in _SHELLS:
-        _SHELLS[key] = build()
-    return _SHELLS[key]
+    initialisation per client per round on a CPU, for weights that are thrown away.
+    Per thread, because Flower's legacy Server calls in-process clients from a pool."""
+    cache = _SHELLS.__dict__.setdefault("models", {})
+    if key not in cache:
+        cache[key] = build()
+    return cache[key]
 
 
 def classifier_shell(cfg: RunConfig, channels: int, num_classes: int) -> torch.nn.Module:

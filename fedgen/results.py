@@ -93,9 +93,11 @@ class Recorder:
         self.results["checkpoint"] = str(path)
         self.save()
 
-    def log_diffusion_round(self, rnd: int, loss: float) -> None:
+    def log_diffusion_round(self, rnd: int, train: dict) -> None:
         hist = self.results.setdefault("diffusion", {"history": []})["history"]
-        hist.append({"round": rnd, "train_loss": loss})
+        hist.append({"round": rnd, "train_loss": train.get("loss"),
+                     "seconds": round(time.perf_counter() - self._round_start, 3),
+                     "client_seconds": round(train.get("client_seconds", 0.0), 3)})
 
     def log_round(self, arm: str, rnd: int, server_round: int, test: dict,
                   train: dict) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from flwr.common import Context
 from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 
+from fedgen import logs
 from fedgen.config import RunConfig
 from fedgen.data import load_data
 from fedgen.methods import METHODS
@@ -41,8 +42,7 @@ def components(cfg: RunConfig) -> ServerAppComponents:
 
 
 def server_fn(context: Context) -> ServerAppComponents:
-    for name in ("fedgen", "strategies", "clients"):
-        logging.getLogger(name).setLevel(logging.INFO)
+    logs.setup()
     return components(RunConfig.from_mapping(context.run_config))
 
 

@@ -14,13 +14,13 @@ import sys
 import time
 from pathlib import Path
 
+from fedgen import logs
 from fedgen.config import ConfigError, RunConfig, load_config
 from fedgen.data import load_data
 from fedgen.methods import METHODS
 from fedgen.partition import partition
 
 log = logging.getLogger("fedgen")
-LOGGERS = ("fedgen", "strategies", "clients")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -99,16 +99,8 @@ def format_table(results: dict) -> str:
     return "\n".join(rows)
 
 
-def setup_logging() -> None:
-    """INFO from this project's packages, warnings from everything else."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
-                        datefmt="%H:%M:%S")
-    for name in LOGGERS:
-        logging.getLogger(name).setLevel(logging.INFO)
-
-
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
+    logs.setup()
     args = parse_args(argv)
     try:
         cfg = prepare(args)

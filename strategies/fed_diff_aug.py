@@ -1,7 +1,7 @@
 """Federated DDPM + class-balancing augmentation (methods.md A; seed 000).
 
-Phases: ``diffusion-rounds`` of FedAvg over a class-conditional UNet, a stats round, a
-generation round in which the server samples with the global UNet and ships every client
+Phases: a stats round (clients report their label histograms and partition ids),
+``diffusion-rounds`` of FedAvg over a class-conditional UNet, a generation round in which the server samples with the global UNet and ships every client
 its own class-balancing batch, then one classifier phase per arm.
 """
 
@@ -51,7 +51,7 @@ class FedDiffAug(PhasedFedAvg):
         head = [Phase("diffusion", self.cfg.diffusion_rounds, sends_weights=True)] \
             if self.cfg.diffusion_rounds > 0 else []
         stats, *classify = super().plan()
-        return [*head, stats, Phase("generation", 1, arm=self.generative_arm, all_clients=True),
+        return [stats, *head, Phase("generation", 1, arm=self.generative_arm, all_clients=True),
                 *classify]
 
     def aggregators(self):
@@ -94,7 +94,7 @@ class FedDiffAug(PhasedFedAvg):
         uniform = self.cfg.diffusion_aggregation == "uniform"
         self.unet_weights = self.aggregate_weights(results, uniform=uniform)
         loss = self._train_metrics.get("loss", float("nan"))
-        self.recorder.log_diffusion_round(rnd, loss)
+        self.recorder.log_diffusion_round(rnd, self._train_metrics)
         log.info("[diffusion] round %d/%d  denoising loss %.4f", rnd, phase.rounds, loss)
         if rnd == phase.rounds:
             self.save_unet()

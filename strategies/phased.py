@@ -36,6 +36,13 @@ Aggregated = tuple[Parameters | None, dict[str, Scalar]]
 EMPTY = Parameters(tensors=[], tensor_type="numpy.ndarray")
 
 
+def describe(failure) -> str:
+    """A client failure as text: an exception, or a result with a non-OK status."""
+    if isinstance(failure, tuple):
+        return f"status {failure[1].status.code.name}: {failure[1].status.message}"
+    return repr(failure)
+
+
 @dataclass(frozen=True)
 class Phase:
     """``kind`` is the client handler (fit config ``phase``); ``arm`` the data variant."""
@@ -85,10 +92,11 @@ class PhasedFedAvg(FedAvg):
     def select_arms(self, requested: tuple[str, ...]) -> tuple[str, ...]:
         """The requested arms this method can run (others are dropped with a warning)."""
         dropped = [a for a in requested if a not in self.supported_arms]
+        kept = tuple(a for a in requested if a in self.supported_arms) or ("real",)
         if dropped:
             log.warning("method %s does not run arm(s) %s; running %s", self.cfg.method,
-                        ", ".join(dropped), ", ".join(self.supported_arms))
-        return tuple(a for a in requested if a in self.supported_arms) or ("real",)
+                        ", ".join(dropped), ", ".join(kept))
+        return kept
 
     def plan(self) -> list[Phase]:
         """The phases of the run, in order."""
@@ -125,18 +133,17 @@ class PhasedFedAvg(FedAvg):
         config = self.fit_config(phase, rnd, server_round)
         sent = parameters if phase.sends_weights else EMPTY
         return [(client, FitIns(self.payload_for(phase, client, sent), dict(config)))
-                for client in self.select_clients(phase, client_manager)]
+                for client in self.select_clients(phase, server_round, client_manager)]
 
     def aggregate_fit(self, server_round: int, results: Results,
                       failures: list) -> Aggregated:
         phase, rnd = self.locate(server_round)
         if failures:
-            log.warning("round %d (%s): %d client(s) failed: %s", server_round, phase.name,
-                        len(failures), failures[0] if not isinstance(failures[0], tuple)
-                        else "no result")
+            log.warning("round %d (%s): %d client(s) failed, first: %s", server_round,
+                        phase.name, len(failures), describe(failures[0]))
         if not results:
             raise RuntimeError(f"round {server_round} ({phase.name}): every client failed; "
-                               f"first failure: {failures[0] if failures else 'none'}")
+                               f"first failure: {describe(failures[0]) if failures else 'none'}")
         self._train_metrics = self.train_summary(results)
         return self.aggregators()[phase.kind](phase, rnd, results)
 
@@ -183,13 +190,20 @@ class PhasedFedAvg(FedAvg):
         config["seed"] = derive_seed(self.cfg.seed, phase.name, server_round)
         return config
 
-    def select_clients(self, phase: Phase, client_manager: ClientManager) -> list[ClientProxy]:
-        """Every client for data rounds; a ``fraction-fit`` sample for training rounds."""
-        if phase.all_clients:
-            client_manager.wait_for(self.cfg.num_clients)
-            return list(client_manager.all().values())
-        n, min_n = self.num_fit_clients(client_manager.num_available())
-        return client_manager.sample(num_clients=n, min_num_clients=min_n)
+    def select_clients(self, phase: Phase, server_round: int,
+                       client_manager: ClientManager) -> list[ClientProxy]:
+        """Every client for data rounds; otherwise a seeded ``fraction-fit`` share, drawn
+        over clients ordered by partition id (known from the stats round, which comes
+        first), so the same seed picks the same partitions."""
+        client_manager.wait_for(self.cfg.num_clients)
+        clients = sorted(client_manager.all().values(),
+                         key=lambda c: (self.partition_of.get(c.cid, len(self.partition_of)),
+                                        c.cid))
+        if phase.all_clients or self.cfg.fraction_fit >= 1.0:
+            return clients
+        n = max(1, round(self.cfg.fraction_fit * len(clients)))
+        rng = np.random.default_rng(derive_seed(self.cfg.seed, "sample", server_round))
+        return [clients[i] for i in sorted(rng.choice(len(clients), size=n, replace=False))]
 
     def payload_for(self, phase: Phase, client: ClientProxy, parameters: Parameters
                     ) -> Parameters:

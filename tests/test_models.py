@@ -130,3 +130,16 @@ def test_get_weights_returns_copies_not_views():
         for p in model.parameters():
             p.add_(1.0)
     assert all(np.array_equal(a, b) for a, b in zip(before, snapshot))
+
+
+def test_reusable_shells_are_per_thread():
+    import threading
+    from fedgen.models import classifier_shell
+    cfg = RunConfig()
+    here = classifier_shell(cfg, 1, 10)
+    assert classifier_shell(cfg, 1, 10) is here
+    other = []
+    t = threading.Thread(target=lambda: other.append(classifier_shell(cfg, 1, 10)))
+    t.start()
+    t.join()
+    assert other[0] is not here

@@ -16,7 +16,7 @@ def test_each_client_gets_its_own_class_balancing_batch(tmp_path):
     cfg = tiny_config(tmp_path)
     strategy, proxies = run_in_process(cfg)
     kinds = [p.kind for p in strategy.phases]
-    assert kinds == ["diffusion", "stats", "generation", *["classify"] * 4]
+    assert kinds == ["stats", "diffusion", "generation", *["classify"] * 4]
     gen_round = 1 + cfg.diffusion_rounds + 1
     payloads = {}
     for proxy in proxies:
@@ -32,8 +32,10 @@ def test_each_client_gets_its_own_class_balancing_batch(tmp_path):
     assert len({p.tobytes() for p in payloads.values()}) == len(payloads)
     assert len({id(p.received[gen_round - 1]) for p in proxies}) == len(proxies)
     # the stats round carried no weights; diffusion rounds carried the UNet
-    assert proxies[0].received[gen_round - 2].parameters.tensors == []
-    assert len(proxies[0].received[0].parameters.tensors) > 0
+    assert proxies[0].received[0].config["phase"] == "stats"
+    assert proxies[0].received[0].parameters.tensors == []
+    assert proxies[0].received[1].config["phase"] == "diffusion"
+    assert len(proxies[0].received[1].parameters.tensors) > 0
 
 
 def test_run_writes_results_plots_and_checkpoint(tmp_path):
@@ -95,3 +97,21 @@ def test_readme_custom_strategy_runs(tmp_path):
         assert np.array_equal(counts, expected)
     finally:
         METHODS.pop("half-gap", None)
+
+
+def test_fraction_fit_sampling_is_seeded(tmp_path):
+    cfg = tiny_config(tmp_path, arms="real", num_clients=4, fraction_fit=0.5,
+                      classifier_rounds=3)
+    def picked():
+        strategy, proxies = run_in_process(cfg)
+        rounds = {}
+        for proxy in proxies:
+            pid = proxy.client.numpy_client.local.partition_id
+            for ins in proxy.received:
+                if ins.config["phase"] == "classify":
+                    rounds.setdefault(ins.config["round"], set()).add(pid)
+        return rounds
+    first, again = picked(), picked()
+    assert first == again
+    assert all(len(pids) == 2 for pids in first.values())
+    assert len({frozenset(p) for p in first.values()}) > 1  # not the same pair every round
