@@ -68,8 +68,9 @@ def sample(unet: UNet2DModel, sampler: SchedulerMixin, labels: np.ndarray, *, st
     labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     out = []
     chunks = labels_t.split(batch_size)
-    bar = tqdm(total=len(chunks) * steps, desc="sampling", unit="step", disable=not progress,
-               leave=False)
+    # disable=None: a bar on a terminal, nothing in logs and pipes
+    bar = tqdm(total=len(chunks) * steps, desc="sampling", unit="step",
+               disable=None if progress else True, leave=False)
     for y in chunks:
         sampler.set_timesteps(steps)  # also resets multistep solvers' history
         x = torch.randn((len(y), c, s, s), generator=gen).to(device)
