@@ -6,6 +6,9 @@ runs whose folder already holds results.json are reused, so the study can be res
 
     python benchmarks/accuracy.py --seeds 0 1 2 --out outputs/study-alpha0.1
     python benchmarks/accuracy.py --seeds 0 1 2 --grid alpha=0.05,0.1,0.5 --out outputs/alpha
+
+``{seed}`` in a ``--set`` value is replaced by the run's seed, e.g. to reuse each seed's
+trained DDPM: ``--set diffusion-init=outputs/study/default/seed{seed}/ddpm``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fedgen import plots  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -28,7 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--config", help="preset passed to every run")
     p.add_argument("--set", dest="overrides", action="append", default=[],
-                   help="key=value passed to every run (repeatable)")
+                   help="key=value passed to every run (repeatable; {seed} = the run's seed)")
     p.add_argument("--grid", action="append", default=[],
                    help="key=v1,v2,... : one setting per value (repeatable: cross product)")
     p.add_argument("--out", required=True, help="study folder")
@@ -50,7 +56,7 @@ def run_one(args, setting: dict, seed: int, folder: Path) -> dict:
         if args.config:
             cmd += ["--config", args.config]
         for pair in [*args.overrides, *(f"{k}={v}" for k, v in setting.items())]:
-            cmd += ["--set", pair]
+            cmd += ["--set", pair.replace("{seed}", str(seed))]
         print("$", " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT)
     return json.loads((folder / "results.json").read_text())
@@ -65,7 +71,8 @@ def table(rows: dict[str, list[dict]], label: str) -> str:
     lines = [f"| {label} | arm | final acc (%) | best acc (%) | round-1 acc (%) | fidelity (%) | n |",
              "|---|---|---|---|---|---|---|"]
     for name, results in rows.items():
-        fid = [r["generation"]["fidelity"] for r in results if r.get("generation")]
+        fid = [r["generation"]["fidelity"] for r in results
+               if (r.get("generation") or {}).get("fidelity") is not None]
         for arm in results[0]["arms"]:
             per = [r["arms"][arm] for r in results]
             lines.append(
@@ -86,6 +93,11 @@ def main(argv=None) -> int:
                       for seed in args.seeds]
     text = table(rows, "setting")
     (out / "table.md").write_text(text + "\n")
+    finals = {name: {arm: (np.mean([r["arms"][arm]["final_accuracy"] for r in results]),
+                           np.std([r["arms"][arm]["final_accuracy"] for r in results], ddof=1)
+                           if len(results) > 1 else 0.0)
+                     for arm in results[0]["arms"]} for name, results in rows.items()}
+    plots.study_bars(finals, out / "summary.png")
     print(text)
     print(f"\n{len(rows) * len(args.seeds)} runs, {time.perf_counter() - t0:.0f} s; table in "
           f"{out / 'table.md'}")

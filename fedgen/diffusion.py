@@ -66,6 +66,8 @@ def sample(unet: UNet2DModel, sampler: SchedulerMixin, labels: np.ndarray, *, st
     c, s = unet.config.in_channels, unet.config.sample_size
     unet.to(device).eval()
     labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    if len(labels_t) == 0:
+        return np.zeros((0, c, s, s), dtype=np.uint8)
     out = []
     chunks = labels_t.split(batch_size)
     # disable=None: a bar on a terminal, nothing in logs and pipes
@@ -81,6 +83,4 @@ def sample(unet: UNet2DModel, sampler: SchedulerMixin, labels: np.ndarray, *, st
             bar.update()
         out.append(to_uint8(x))
     bar.close()
-    if not out:
-        return np.zeros((0, c, s, s), dtype=np.uint8)
     return np.concatenate(out)

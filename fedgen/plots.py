@@ -60,3 +60,24 @@ def class_balance(before: np.ndarray, after: np.ndarray, path: Path) -> None:
     fig.colorbar(im, ax=axes, label="samples")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+def study_bars(means: dict[str, dict[str, tuple[float, float]]], path: Path) -> None:
+    """Grouped bars: one group per setting, one bar per arm, mean final accuracy ± std."""
+    settings = list(means)
+    arms = list(dict.fromkeys(a for s in settings for a in means[s]))
+    width = 0.8 / max(len(arms), 1)
+    fig, ax = plt.subplots(figsize=(max(5, 1.8 * len(settings)), 3.8))
+    for i, arm in enumerate(arms):
+        xs = [k + (i - (len(arms) - 1) / 2) * width for k in range(len(settings))]
+        vals = [means[s].get(arm, (np.nan, 0)) for s in settings]
+        ax.bar(xs, [100 * v[0] for v in vals], width, yerr=[100 * v[1] for v in vals],
+               capsize=3, label=arm)
+    ax.set_xticks(range(len(settings)))
+    ax.set_xticklabels(settings)
+    ax.set(ylabel="final test accuracy (%)", ylim=(0, 100))
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncol=len(arms))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

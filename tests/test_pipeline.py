@@ -115,3 +115,11 @@ def test_fraction_fit_sampling_is_seeded(tmp_path):
     assert first == again
     assert all(len(pids) == 2 for pids in first.values())
     assert len({frozenset(p) for p in first.values()}) > 1  # not the same pair every round
+
+
+def test_augment_ratio_zero_ships_empty_batches(tmp_path):
+    cfg = tiny_config(tmp_path, arms="diffusion", augment_ratio=0.0)
+    strategy, proxies = run_in_process(cfg)
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert res["generation"]["total"] == 0 and res["generation"]["fidelity"] is None
+    assert res["arms"]["diffusion"]["train_samples_per_round"] == 1437
