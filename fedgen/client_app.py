@@ -3,19 +3,22 @@ builds one with :func:`make_client_app` around an already validated config."""
 
 from __future__ import annotations
 
-import functools
+from typing import Mapping
 
-from flwr.client import Client, ClientApp
+from flwr.client import Client, ClientApp, NumPyClient
 from flwr.common import Context
 
 from clients import LocalData, PhaseRouter
 from fedgen.config import RunConfig
 from fedgen.methods import METHODS
 
+Handlers = Mapping[str, type[NumPyClient]]
 
-def client_for(cfg: RunConfig, context: Context) -> Client:
+
+def client_for(cfg: RunConfig, context: Context, clients: Handlers | None = None) -> Client:
     local = LocalData.from_node(cfg, dict(context.node_config), context.run_id)
-    return PhaseRouter(local, METHODS[cfg.method].clients).to_client()
+    handlers = clients if clients is not None else METHODS[cfg.method].clients
+    return PhaseRouter(local, handlers).to_client()
 
 
 def client_fn(context: Context) -> Client:
@@ -23,7 +26,15 @@ def client_fn(context: Context) -> Client:
 
 
 def make_client_app(cfg: RunConfig) -> ClientApp:
-    return ClientApp(client_fn=functools.partial(client_for, cfg))
+    """Resolve the method's client classes HERE, in the process that registered the
+    method: simulation workers are other processes, whose registry lacks methods a user
+    registered at run time; the classes travel to them inside the app (by value)."""
+    clients = dict(METHODS[cfg.method].clients)
+
+    def method_client_fn(context: Context) -> Client:
+        return client_for(cfg, context, clients)
+
+    return ClientApp(client_fn=method_client_fn)
 
 
 app = ClientApp(client_fn=client_fn)

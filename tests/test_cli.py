@@ -68,3 +68,19 @@ def test_smoke_preset_runs_through_the_ray_simulation(tmp_path):
     for arm in res["arms"]:
         assert f"| {arm} |" in proc.stdout
     assert (out / "ddpm" / "unet" / "config.json").is_file()
+
+
+def test_readme_custom_strategy_runs_through_ray(tmp_path):
+    """A method registered in the user's script reaches the Ray workers."""
+    import re
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"```python\n(# custom_strategy\.py.*?)```", readme, re.S).group(1)
+    script = tmp_path / "custom_strategy.py"
+    script.write_text(code)
+    out = tmp_path / "custom"
+    proc = subprocess.run([sys.executable, str(script), "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["method"] == "half-gap"
+    assert all(e["steps"] > 0 for e in res["arms"].values())
