@@ -28,17 +28,21 @@ def _with_extra(local: LocalData, extra: Arrays) -> Arrays:
             np.concatenate([local.labels, extra[1]]))
 
 
+def _own_fill_inputs(local: LocalData, arm: str) -> tuple[np.ndarray, np.random.Generator]:
+    """The client's fill-to-max deficits and a generator seeded by (seed, arm, partition)."""
+    rng = np.random.default_rng(derive_seed(local.cfg.seed, arm, local.partition_id))
+    return fill_to_max(local.histogram, local.cfg.augment_ratio), rng
+
+
 def with_oversampling(local: LocalData, arm: str) -> Arrays:
     """Present classes topped up by the fill-to-max deficits, copies of own images."""
-    rng = np.random.default_rng(derive_seed(local.cfg.seed, arm, local.partition_id))
-    deficits = fill_to_max(local.histogram, local.cfg.augment_ratio)
+    deficits, rng = _own_fill_inputs(local, arm)
     return _with_extra(local, oversample(local.images, local.labels, deficits, rng))
 
 
 def with_noisy_copies(local: LocalData, arm: str) -> Arrays:
     """The same deficits filled with own images plus Gaussian pixel noise."""
-    rng = np.random.default_rng(derive_seed(local.cfg.seed, arm, local.partition_id))
-    deficits = fill_to_max(local.histogram, local.cfg.augment_ratio)
+    deficits, rng = _own_fill_inputs(local, arm)
     return _with_extra(local, noise_fill(local.images, local.labels, deficits,
                                          local.cfg.noise_sigma, rng))
 

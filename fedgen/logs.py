@@ -17,6 +17,7 @@ class _StderrHandler(logging.StreamHandler):
     def stream(self, value):
         pass
 
+
 PACKAGES = ("fedgen", "strategies", "clients")
 
 

@@ -1,8 +1,9 @@
 """Federated DDPM + class-balancing augmentation (methods.md A; seed 000).
 
 Phases: a stats round (clients report their label histograms and partition ids),
-``diffusion-rounds`` of FedAvg over a class-conditional UNet, a generation round in which the server samples with the global UNet and ships every client
-its own class-balancing batch, then one classifier phase per arm.
+``diffusion-rounds`` of FedAvg over a class-conditional UNet, a generation round in which
+the server samples with the global UNet and ships every client its own class-balancing
+batch, then one classifier phase per arm.
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ def test_ddpm_training_lowers_the_loss_and_is_seeded():
                            seed=1, device=CPU)
         return stats, get_weights(unet)
     (s1, w1), (s2, w2) = run(), run()
-    assert s1["steps"] == 12
+    assert s1["steps"] == 12 and s1 == s2
     assert all(np.array_equal(a, b) for a, b in zip(w1, w2))
 
 
