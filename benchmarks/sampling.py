@@ -7,6 +7,7 @@ fidelity (accuracy of the real-data reference classifier on class-conditional sa
 
     python benchmarks/sampling.py --ddpm outputs/<run>/ddpm
     python benchmarks/sampling.py --train-epochs 20          # no run at hand
+    python benchmarks/sampling.py --config configs/mnist5k-cpu.toml --train-epochs 10
 
 Last lines: ``speedup=X`` (samples/s of the fastest sampler whose fidelity is within 3
 points of the 1000-step DDPM, over the DDPM's) and ``fidelity_drop=Y`` (its loss in points).
@@ -24,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedgen.config import RunConfig  # noqa: E402
+from fedgen.config import ConfigError, RunConfig, load_config  # noqa: E402
 from fedgen.data import load_data  # noqa: E402
 from fedgen.diffusion import sample, train_ddpm  # noqa: E402
 from fedgen.fidelity import ReferenceClassifier  # noqa: E402
@@ -38,6 +39,9 @@ def parse_args(argv=None):
                    help="central DDPM training epochs when --ddpm is not given")
     p.add_argument("--per-class", type=int, default=50, help="samples per class per sampler")
     p.add_argument("--steps", type=int, nargs="+", default=[5, 10, 20, 50])
+    p.add_argument("--config", help="preset whose data set and UNet/schedule keys to use")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     return p.parse_args(argv)
 
@@ -68,7 +72,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = RunConfig()
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     data = load_data(cfg)
     ref = ReferenceClassifier(data.train_x, data.train_y)
     unet = get_unet(args, cfg, data)
