@@ -74,10 +74,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         cfg = load_config(args.config, args.overrides)
+        data = load_data(cfg)  # DataError (a ConfigError) names a missing data folder
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    data = load_data(cfg)
     ref = ReferenceClassifier(data.train_x, data.train_y)
     unet = get_unet(args, cfg, data)
     labels = np.repeat(np.arange(data.num_classes), args.per_class)

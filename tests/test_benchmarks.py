@@ -35,6 +35,13 @@ def test_sampling_benchmark_rejects_bad_config_cleanly():
     assert "unknown config key 'alhpa' (did you mean 'alpha'?)" in proc.stderr
 
 
+def test_sampling_benchmark_names_a_missing_data_folder():
+    proc = run_bench("sampling.py", "--set", "dataset=cifar10", "--set", "data-dir=/nonexistent/c")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "/nonexistent/c" in proc.stderr and "cifar-10-batches-py" in proc.stderr
+
+
 def test_accuracy_grid_is_the_cross_product_in_order():
     assert accuracy.settings([]) == [{}]
     assert accuracy.settings(["alpha=0.1,0.5", "augment-ratio=0,1"]) == [

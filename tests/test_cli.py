@@ -1,6 +1,7 @@
 """run_simulation.py: bad input fails fast and cleanly; the smoke preset runs through Ray."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -72,7 +73,6 @@ def test_smoke_preset_runs_through_the_ray_simulation(tmp_path):
 
 def test_readme_custom_strategy_runs_through_ray(tmp_path):
     """A method registered in the user's script reaches the Ray workers."""
-    import re
     readme = (ROOT / "README.md").read_text()
     code = re.search(r"```python\n(# custom_strategy\.py.*?)```", readme, re.S).group(1)
     script = tmp_path / "custom_strategy.py"
