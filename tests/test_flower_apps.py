@@ -48,3 +48,31 @@ def test_client_fn_finds_its_partition_from_the_node_config(tmp_path):
                                     "server-round": 1, "last-round": False, "seed": 0}))
     assert res.metrics["partition-id"] == 3
     assert sum(json.loads(res.metrics["histogram"])) == res.num_examples > 0
+
+
+def test_aggregation_does_not_depend_on_the_order_results_arrive_in(tmp_path):
+    import numpy as np
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+
+    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                  run_config=_run_config(tmp_path, **{"num-clients": 6}))
+    strategy = server_fn(ctx).strategy
+
+    class Proxy:
+        def __init__(self, cid):
+            self.cid = cid
+
+    ok = Status(Code.OK, "")
+    proxies = [Proxy(f"node-{9 - k}") for k in range(6)]  # cids sort against partition order
+    stats = [(p, FitRes(ok, ndarrays_to_parameters([]), 10,
+                        {"partition-id": k, "histogram": json.dumps([1] * 10)}))
+             for k, p in enumerate(proxies)]
+    strategy.aggregate_fit(1, stats, [])
+    rng = np.random.default_rng(0)
+    results = [(p, FitRes(ok, ndarrays_to_parameters(
+        [rng.standard_normal(4096).astype(np.float32) * 10.0 ** k]), 7 + 13 * k, {}))
+        for k, p in enumerate(proxies)]
+    last = strategy.num_rounds  # a classifier round
+    forward = parameters_to_ndarrays(strategy.aggregate_fit(last, results, [])[0])[0]
+    backward = parameters_to_ndarrays(strategy.aggregate_fit(last, results[::-1], [])[0])[0]
+    assert np.array_equal(forward, backward)
