@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Callable
 
@@ -10,7 +11,7 @@ from flwr.client import NumPyClient
 
 from clients.local import LocalData
 from fedgen.balancing import fill_to_max, noise_fill, oversample
-from fedgen.classifier import LossHook, train_classifier
+from fedgen.classifier import LossHook, evaluate, train_classifier
 from fedgen.models import classifier_shell, get_weights, set_weights
 from fedgen.seeds import derive_seed
 
@@ -30,7 +31,7 @@ def _with_extra(local: LocalData, extra: Arrays) -> Arrays:
 
 def _own_fill_inputs(local: LocalData, arm: str) -> tuple[np.ndarray, np.random.Generator]:
     """The client's fill-to-max deficits and a generator seeded by (seed, arm, partition)."""
-    rng = np.random.default_rng(derive_seed(local.cfg.seed, arm, local.partition_id))
+    rng = np.random.default_rng(derive_seed(local.cfg.seed, arm, local.node))
     return fill_to_max(local.histogram, local.cfg.augment_ratio), rng
 
 
@@ -51,8 +52,8 @@ def with_received(local: LocalData, arm: str) -> Arrays:
     """Real images plus the synthetic batch the server shipped for ``arm``."""
     extra = local.store.load(arm)
     if extra is None:
-        log.warning("partition %d has no synthetic batch for arm %r: training on real data",
-                    local.partition_id, arm)
+        log.warning("node %s has no synthetic batch for arm %r: training on real data",
+                    local.node, arm)
         return real_only(local, arm)
     return _with_extra(local, extra)
 
@@ -95,5 +96,22 @@ class ClassifierClient(NumPyClient):
                                  momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                  seed=loc.seed(int(config["seed"])), device=loc.device,
                                  loss_hooks=self.loss_hooks(config))
-        return get_weights(model), len(labels), {**stats, "samples": len(labels),
-                                                 "partition-id": loc.partition_id}
+        return get_weights(model), len(labels), {**stats, "samples": len(labels)}
+
+    def evaluate(self, parameters, config):
+        """The global model on this node's held-out test images (evaluation=clients/both):
+        accuracy, loss, and per-class correct/total counts the server pools."""
+        loc = self.local
+        model = classifier_shell(loc.cfg, loc.data.channels, loc.data.num_classes)
+        set_weights(model, parameters)
+        counts = np.bincount(loc.test_labels, minlength=loc.data.num_classes)
+        if not len(loc.test_labels):
+            return 0.0, 0, {"accuracy": 0.0, "class-correct": json.dumps([0] * len(counts)),
+                            "class-count": json.dumps(counts.tolist())}
+        res = evaluate(model, loc.test_images, loc.test_labels, loc.data.num_classes,
+                       loc.device)
+        correct = [int(round(a * n)) if n else 0
+                   for a, n in zip(res["per_class_accuracy"], counts)]
+        return res["loss"], len(loc.test_labels), {
+            "accuracy": res["accuracy"], "class-correct": json.dumps(correct),
+            "class-count": json.dumps(counts.tolist())}

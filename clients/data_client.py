@@ -26,7 +26,6 @@ class DataClient(NumPyClient):
             images, labels = parameters
             self.local.store.save(str(config["arm"]), images, labels)
             received = len(labels)
-        metrics = {"partition-id": self.local.partition_id,
-                   "histogram": json.dumps(self.local.histogram.tolist()),
+        metrics = {"histogram": json.dumps(self.local.histogram.tolist()),
                    "received": received}
         return [], len(self.local.labels), metrics

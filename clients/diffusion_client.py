@@ -30,4 +30,4 @@ class DiffusionClient(NumPyClient):
                            epochs=int(config["epochs"]), batch_size=int(config["batch-size"]),
                            lr=float(config["lr"]), seed=loc.seed(int(config["seed"])), device=loc.device,
                            loss_hooks=self.loss_hooks(config))
-        return get_weights(unet), len(loc.labels), {**stats, "partition-id": loc.partition_id}
+        return get_weights(unet), len(loc.labels), stats

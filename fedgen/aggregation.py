@@ -1,8 +1,9 @@
-"""Weight averaging used by the strategies."""
+"""Weight averaging and pooled client evaluation used by the strategies."""
 
 from __future__ import annotations
 
-from typing import Sequence
+import json
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -28,3 +29,28 @@ def weighted_average(models: Sequence[Sequence[np.ndarray]],
             acc += acc.dtype.type(wk) * np.asarray(layer, dtype=acc.dtype)
         out.append(acc if floating else np.rint(acc).astype(ref.dtype))
     return out
+
+
+def pool_evaluations(replies: Sequence[tuple[str, int, float, Mapping]],
+                     num_classes: int) -> dict:
+    """Evaluation where the data is: pool the nodes' ``(name, examples, loss, metrics)``.
+
+    Accuracy and loss are sample-weighted means over the nodes' held-out images;
+    per-class accuracy pools the nodes' per-class correct/total counts; ``by_node`` keeps
+    every node's own accuracy and test size.
+    """
+    n = np.asarray([r[1] for r in replies], dtype=np.float64)
+    correct = np.zeros(num_classes, np.int64)
+    count = np.zeros(num_classes, np.int64)
+    for _, _, _, metrics in replies:
+        correct += np.asarray(json.loads(str(metrics["class-correct"])), np.int64)
+        count += np.asarray(json.loads(str(metrics["class-count"])), np.int64)
+    total = n.sum()
+    mean = (lambda v: float(np.dot(n, v) / total)) if total else (lambda v: float("nan"))
+    return {"accuracy": mean([float(r[3]["accuracy"]) for r in replies]),
+            "loss": mean([float(r[2]) for r in replies]),
+            "per_class_accuracy": [float(c / k) if k else float("nan")
+                                   for c, k in zip(correct, count)],
+            "examples": int(total),
+            "by_node": {name: {"accuracy": float(m["accuracy"]), "examples": int(k)}
+                        for name, k, _, m in replies}}

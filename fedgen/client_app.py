@@ -16,9 +16,15 @@ Handlers = Mapping[str, type[NumPyClient]]
 
 
 def client_for(cfg: RunConfig, context: Context, clients: Handlers | None = None) -> Client:
-    local = LocalData.from_node(cfg, dict(context.node_config), context.run_id)
+    """The node's client; its data loads at its first round, in the run's label space
+    (``class-names``, else the class names the server sends)."""
+    node_config = dict(context.node_config)
+
+    def load(classes: tuple[str, ...]) -> LocalData:
+        return LocalData.from_node(cfg, node_config, context.run_id, classes)
+
     handlers = clients if clients is not None else METHODS[cfg.method].clients
-    return PhaseRouter(local, handlers).to_client()
+    return PhaseRouter(load, handlers)
 
 
 def client_fn(context: Context) -> Client:

@@ -27,6 +27,7 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 AGGREGATIONS = ("weighted", "uniform")
 STEMS = ("cifar", "imagenet")
 NORMS = ("group", "batch")
+EVALUATIONS = ("server", "clients", "both")
 
 
 class ConfigError(ValueError):
@@ -60,8 +61,11 @@ class RunConfig:
                         choices=DATASETS)
     data_dir: str = knob("", "Local folder of cifar10/cifar100/imagefolder data.")
     image_size: int = knob(0, "Resize images to this many pixels (0 = native size).", low=0)
-    test_fraction: float = knob(0.2, "Stratified test share for sets without a test split.",
+    test_fraction: float = knob(0.2, "Stratified test share for sets without a test split; "
+                                "with evaluation=clients/both also each node's held-out share.",
                                 low=0.0, high=0.9, low_open=True)
+    class_names: str = knob("", "Comma-separated class names fixing the run's label space "
+                            "(sites' own folders map onto it); empty = the data set's names.")
     # --- federation and partition
     num_clients: int = knob(10, "Number of clients (partitions, SuperNodes).", low=1)
     partitioning: str = knob("dirichlet", "Label split across clients.", choices=PARTITIONINGS)
@@ -71,6 +75,17 @@ class RunConfig:
                                    "at least this many samples.", low=0)
     fraction_fit: float = knob(1.0, "Share of clients sampled per training round.",
                                low=0.0, high=1.0, low_open=True)
+    min_fit_fraction: float = knob(0.5, "Share of a round's sampled nodes whose replies it "
+                                   "needs; fewer fails the run with a clear message.",
+                                   low=0.0, high=1.0, low_open=True)
+    round_timeout: float = knob(0.0, "Seconds a round waits for replies before counting the "
+                                "missing nodes as timed out (0 = no limit).", low=0.0)
+    node_wait_timeout: float = knob(120.0, "Seconds the first round waits for num-clients "
+                                    "nodes to connect; then it goes on with those connected.",
+                                    low=0.0)
+    evaluation: str = knob("server", "Where the classifier is evaluated: server (its test "
+                           "split), clients (each node's held-out test-fraction), or both.",
+                           choices=EVALUATIONS)
     # --- federated DDPM
     diffusion_rounds: int = knob(8, "FedAvg rounds over the UNet (0 = use diffusion-init "
                                  "as is).", low=0)
@@ -177,9 +192,15 @@ class RunConfig:
         if self.sampling_steps > self.num_train_timesteps:
             raise ConfigError(f"sampling-steps ({self.sampling_steps}) exceeds "
                               f"num-train-timesteps ({self.num_train_timesteps})")
-        if self.dataset in ("cifar10", "cifar100", "imagefolder") and not self.data_dir:
+        if self.dataset in ("cifar10", "cifar100") and not self.data_dir:
             raise ConfigError(f"data-dir: dataset={self.dataset} reads a local folder; "
                               f"set data-dir to it")
+        if self.dataset == "imagefolder" and not self.data_dir and not self.class_list:
+            raise ConfigError("data-dir: dataset=imagefolder reads a local folder; set "
+                              "data-dir to it, or class-names for a server without data "
+                              "(each SuperNode then reads its own node-config data-dir)")
+        if len(set(self.class_list)) != len(self.class_list):
+            raise ConfigError(f"class-names: names repeat in {self.class_names!r}")
         if "diffusion" in self.arm_list and self.diffusion_rounds == 0 \
                 and not self.diffusion_init:
             raise ConfigError("diffusion-rounds=0 needs diffusion-init (a trained UNet "
@@ -189,6 +210,10 @@ class RunConfig:
     @property
     def arm_list(self) -> tuple[str, ...]:
         return tuple(a.strip() for a in self.arms.split(",") if a.strip())
+
+    @property
+    def class_list(self) -> tuple[str, ...]:
+        return tuple(c.strip() for c in self.class_names.split(",") if c.strip())
 
     @property
     def unet_channel_list(self) -> tuple[int, ...]:

@@ -134,18 +134,26 @@ def load_cifar(cfg: RunConfig) -> ImageData:
     return ImageData(tr_x, tr_y, te_x, te_y, tuple(names))
 
 
-def _read_image_folder(root: Path, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _read_image_folder(root: Path, size: int, classes: tuple[str, ...] | None = None
+                       ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """Images under ``root/<class name>/``, labelled by their index in ``classes`` (default:
+    the sorted folder names). A folder whose name is not in ``classes`` is an error."""
     from PIL import Image
 
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    found = sorted(d.name for d in root.iterdir() if d.is_dir())
+    classes = tuple(found) if classes is None else tuple(classes)
+    unknown = [name for name in found if name not in classes]
+    if unknown:
+        raise DataError(f"data-dir {root}: class folder {unknown[0]!r} is not one of the "
+                        f"run's classes ({', '.join(classes)}); rename it or set class-names")
     xs, ys = [], []
-    for label, name in enumerate(classes):
+    for name in found:
         for f in sorted((root / name).rglob("*")):
             if f.suffix.lower() in IMAGE_SUFFIXES:
                 with Image.open(f) as im:
                     im = im.convert("RGB").resize((size, size), Image.BICUBIC)
                     xs.append(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
-                    ys.append(label)
+                    ys.append(classes.index(name))
     if not xs:
         raise DataError(f"data-dir {root}: no images found; expected the ImageFolder layout "
                         f"<data-dir>/<class name>/<image>{{{','.join(IMAGE_SUFFIXES)}}}, "
@@ -153,21 +161,61 @@ def _read_image_folder(root: Path, size: int) -> tuple[np.ndarray, np.ndarray, l
     return np.stack(xs), np.asarray(ys, dtype=np.int64), classes
 
 
+def _empty(channels: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros((0, channels, size, size), np.uint8), np.zeros(0, np.int64)
+
+
+def read_folder(root: Path, size: int, classes: tuple[str, ...] | None,
+                test_fraction: float | None) -> ImageData:
+    """An ImageFolder, split as ``train/`` + ``test/`` when it has both; otherwise a
+    stratified ``test_fraction`` split, or no test images when ``test_fraction`` is None."""
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        tr_x, tr_y, classes = _read_image_folder(root / "train", size, classes)
+        te_x, te_y, _ = _read_image_folder(root / "test", size, classes)
+        return ImageData(tr_x, tr_y, te_x, te_y, classes)
+    x, y, classes = _read_image_folder(root, size, classes)
+    if test_fraction is None:
+        return ImageData(x, y, *_empty(x.shape[1], size), classes)
+    return _from_split(x, y, classes, test_fraction)
+
+
 def load_imagefolder(cfg: RunConfig) -> ImageData:
-    """Any folder of class sub-folders (torchvision's ImageFolder layout), as RGB."""
+    """Any folder of class sub-folders (torchvision's ImageFolder layout), as RGB. Without
+    data-dir (a server that holds no images) only the shape and ``class-names`` are known."""
+    size = cfg.image_size or 32
+    if not cfg.data_dir:
+        return ImageData(*_empty(3, size), *_empty(3, size), cfg.class_list)
     root = Path(cfg.data_dir).expanduser()
     if not root.is_dir():
         raise DataError(f"data-dir {root}: folder not found; expected "
                         f"<data-dir>/<class name>/<image files>")
-    size = cfg.image_size or 32
-    if (root / "train").is_dir() and (root / "test").is_dir():
-        tr_x, tr_y, classes = _read_image_folder(root / "train", size)
-        te_x, te_y, test_classes = _read_image_folder(root / "test", size)
-        if test_classes != classes:
-            raise DataError(f"data-dir {root}: train/ and test/ hold different class folders")
-        return ImageData(tr_x, tr_y, te_x, te_y, tuple(classes))
-    x, y, classes = _read_image_folder(root, size)
-    return _from_split(x, y, classes, cfg.test_fraction)
+    return read_folder(root, size, cfg.class_list or None, cfg.test_fraction)
+
+
+def load_site(cfg: RunConfig, folder: str, classes: tuple[str, ...]) -> ImageData:
+    """One site's own images (a SuperNode's node-config ``data-dir``): the folder IS the
+    node's data, in the run's label space ``classes``; it may lack classes. Test images
+    only where the folder has ``test/`` (the CIFAR layout's test batch counts too)."""
+    root = Path(folder).expanduser()
+    if cfg.dataset in CIFAR_LAYOUT:
+        data = load_cifar(cfg.replace(data_dir=str(root)))
+        return _relabel(data, classes, root)
+    if cfg.dataset != "imagefolder":
+        raise DataError(f"data-dir {root}: a site folder needs dataset=imagefolder (or "
+                        f"cifar10/cifar100 in their layout), not dataset={cfg.dataset}")
+    if not root.is_dir():
+        raise DataError(f"data-dir {root}: folder not found; expected "
+                        f"<data-dir>/<class name>/<image files>")
+    return read_folder(root, cfg.image_size or 32, classes, None)
+
+
+def _relabel(data: ImageData, classes: tuple[str, ...], root: Path) -> ImageData:
+    unknown = [c for c in data.classes if c not in classes]
+    if unknown:
+        raise DataError(f"data-dir {root}: class {unknown[0]!r} is not one of the run's "
+                        f"classes ({', '.join(classes)})")
+    lut = np.asarray([classes.index(c) for c in data.classes], dtype=np.int64)
+    return ImageData(data.train_x, lut[data.train_y], data.test_x, lut[data.test_y], classes)
 
 
 LOADERS: dict[str, Callable[[RunConfig], ImageData]] = {
@@ -186,10 +234,14 @@ def _resize(x: np.ndarray, size: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_cached(dataset: str, data_dir: str, image_size: int, test_fraction: float) -> ImageData:
+def _load_cached(dataset: str, data_dir: str, image_size: int, test_fraction: float,
+                 class_names: str) -> ImageData:
     cfg = RunConfig(dataset=dataset, data_dir=data_dir, image_size=image_size,
-                    test_fraction=test_fraction)
+                    test_fraction=test_fraction, class_names=class_names)
     data = LOADERS[dataset](cfg)
+    if cfg.class_list and data.classes != cfg.class_list:
+        raise DataError(f"class-names: {dataset} has the classes {', '.join(data.classes)}; "
+                        f"class-names must list them in that order, or be empty")
     if image_size and data.image_size != image_size:
         data = ImageData(_resize(data.train_x, image_size), data.train_y,
                          _resize(data.test_x, image_size), data.test_y, data.classes)
@@ -200,4 +252,5 @@ def _load_cached(dataset: str, data_dir: str, image_size: int, test_fraction: fl
 
 def load_data(cfg: RunConfig) -> ImageData:
     """The run's data set; cached per process, so Ray actors load it once."""
-    return _load_cached(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.test_fraction)
+    return _load_cached(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.test_fraction,
+                        cfg.class_names)

@@ -21,8 +21,8 @@ from fedgen.config import RunConfig
 
 log = logging.getLogger(__name__)
 
-CSV_FIELDS = ("arm", "round", "server_round", "accuracy", "loss", "train_loss", "steps",
-              "train_samples", "seconds", "client_seconds")
+CSV_FIELDS = ("arm", "round", "server_round", "accuracy", "loss", "client_accuracy",
+              "train_loss", "steps", "train_samples", "seconds", "client_seconds")
 
 
 def _clean(value: Any) -> Any:
@@ -48,8 +48,9 @@ class Recorder:
         self.out.mkdir(parents=True, exist_ok=True)
         self.classes = classes
         self.results: dict[str, Any] = {
-            "config": cfg.to_mapping(), "classes": list(classes), "partition": {},
-            "arms": {}, "generation": {}, "timings": {}, "checkpoint": None}
+            "status": "running", "error": None, "config": cfg.to_mapping(),
+            "classes": list(classes), "partition": {}, "arms": {}, "generation": {},
+            "failures": [], "timings": {}, "checkpoint": None}
         self._phase: tuple[str, float] | None = None
         self._round_start = time.perf_counter()
         self._csv = self.out / "rounds.csv"
@@ -73,10 +74,24 @@ class Recorder:
         self._round_start = time.perf_counter()
 
     # ------------------------------------------------------------ content
-    def set_partition(self, sizes: dict[int, int], hist: np.ndarray) -> None:
-        self.results["partition"] = {
-            "sizes": [int(sizes.get(k, 0)) for k in range(len(hist))],
-            "histograms": hist.tolist()}
+    def set_partition(self, nodes: list, hist: np.ndarray) -> None:
+        """The nodes (partition ids or node names, in node order) and their histograms."""
+        self.results["partition"] = {"nodes": list(nodes), "sizes": hist.sum(1).tolist(),
+                                     "histograms": hist.tolist()}
+        self.save()
+
+    def log_failures(self, kind: str, phase: str, rnd: int, server_round: int, asked: int,
+                     replied: int, failed: list[dict], errors: list[str]) -> None:
+        """Which nodes failed or timed out in a round, and why."""
+        self.results["failures"].append({
+            "server_round": server_round, "phase": phase, "round": rnd, "kind": kind,
+            "asked": asked, "replied": replied, "failed": failed, "errors": errors})
+        self.save()
+
+    def fail(self, message: str) -> None:
+        """The run stops: say why in results.json; what was measured stays."""
+        self.end_phase()
+        self.results.update(status="failed", error=message)
         self.save()
 
     def set_generation(self, counts: np.ndarray, labels: np.ndarray, images: np.ndarray,
@@ -100,11 +115,14 @@ class Recorder:
                      "client_seconds": round(train.get("client_seconds", 0.0), 3)})
 
     def log_round(self, arm: str, rnd: int, server_round: int, test: dict,
-                  train: dict) -> None:
-        """One classifier round of ``arm``: centralised test metrics + client training."""
+                  train: dict, clients: dict | None = None) -> None:
+        """One classifier round of ``arm``: the headline test metrics (server's, or the
+        clients' pooled ones under evaluation=clients), client training, and the clients'
+        own evaluation (``clients``, evaluation=clients/both)."""
         seconds = round(time.perf_counter() - self._round_start, 3)
         row = {"arm": arm, "round": rnd, "server_round": server_round,
                "accuracy": test["accuracy"], "loss": test["loss"],
+               "client_accuracy": clients["accuracy"] if clients else None,
                "train_loss": train.get("loss"), "steps": train.get("steps"),
                "train_samples": train.get("samples"), "seconds": seconds,
                "client_seconds": round(train.get("client_seconds", 0.0), 3)}
@@ -112,6 +130,13 @@ class Recorder:
             csv.writer(fh).writerow([row[k] for k in CSV_FIELDS])
         entry = self.results["arms"].setdefault(arm, {"history": [], "steps": 0})
         entry["history"].append({k: row[k] for k in CSV_FIELDS if k != "arm"})
+        if clients:
+            entry["history"][-1]["client_accuracy_by_node"] = clients["by_node"]
+            client_accs = [h["client_accuracy"] for h in entry["history"]]
+            entry.update(final_client_accuracy=client_accs[-1],
+                         best_client_accuracy=max(client_accs),
+                         client_accuracy_by_node=clients["by_node"],
+                         client_test_examples=clients["examples"])
         entry["steps"] += int(train.get("steps") or 0)
         entry["train_samples_per_round"] = train.get("samples")
         accs = [h["accuracy"] for h in entry["history"]]
@@ -129,6 +154,7 @@ class Recorder:
     def finish(self) -> None:
         """Close timings, write the final JSON and the plots."""
         self.end_phase()
+        self.results["status"] = "completed"
         self.results["timings"]["total"] = round(
             sum(v for k, v in self.results["timings"].items() if k != "total"), 3)
         self.save()

@@ -11,8 +11,8 @@ from flwr.common import Context
 from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 
 from fedgen import logs
-from fedgen.config import RunConfig
-from fedgen.data import load_data
+from fedgen.config import ConfigError, RunConfig
+from fedgen.data import ImageData, load_data
 from fedgen.methods import METHODS
 from fedgen.results import Recorder
 
@@ -24,11 +24,20 @@ def default_out_dir(cfg: RunConfig) -> Path:
     return Path("outputs") / f"{stamp}-{cfg.method}-{cfg.dataset}"
 
 
+def check_server_data(cfg: RunConfig, data: ImageData) -> None:
+    """Centralised evaluation needs a test split on the server."""
+    if cfg.evaluation != "clients" and not len(data.test_y):
+        raise ConfigError(f"evaluation={cfg.evaluation} needs a test split on the server, "
+                          f"which holds none (dataset={cfg.dataset}, data-dir="
+                          f"{cfg.data_dir!r}); use evaluation=clients")
+
+
 def build_strategy(cfg: RunConfig):
     """The method's strategy, with the server's data and a recorder for the outputs."""
     out = Path(cfg.out_dir or default_out_dir(cfg)).resolve()
     cfg = cfg.replace(out_dir=str(out))
     data = load_data(cfg)
+    check_server_data(cfg, data)
     strategy = METHODS[cfg.method].strategy(cfg, data, Recorder(out, cfg, data.classes))
     log.info("%s: %d rounds (%s); outputs in %s", cfg.method, strategy.num_rounds,
              ", ".join(f"{p.name}x{p.rounds}" for p in strategy.phases), out)
@@ -37,8 +46,9 @@ def build_strategy(cfg: RunConfig):
 
 def components(cfg: RunConfig) -> ServerAppComponents:
     strategy = build_strategy(cfg)
-    return ServerAppComponents(strategy=strategy,
-                               config=ServerConfig(num_rounds=strategy.num_rounds))
+    timeout = cfg.round_timeout or None  # 0 = no limit
+    return ServerAppComponents(strategy=strategy, config=ServerConfig(
+        num_rounds=strategy.num_rounds, round_timeout=timeout))
 
 
 def server_fn(context: Context) -> ServerAppComponents:

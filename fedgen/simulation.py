@@ -19,6 +19,7 @@ from fedgen.config import ConfigError, RunConfig, load_config
 from fedgen.data import load_data
 from fedgen.methods import METHODS
 from fedgen.partition import partition
+from fedgen.server_app import check_server_data, default_out_dir, make_server_app
 
 log = logging.getLogger("fedgen")
 
@@ -43,7 +44,6 @@ def prepare(args: argparse.Namespace) -> RunConfig:
     if args.out:
         cfg = cfg.replace(out_dir=args.out)
     if not cfg.out_dir:
-        from fedgen.server_app import default_out_dir
         cfg = cfg.replace(out_dir=str(default_out_dir(cfg)))
     out = Path(cfg.out_dir).resolve()
     if (out / "results.json").exists():
@@ -52,6 +52,11 @@ def prepare(args: argparse.Namespace) -> RunConfig:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
     data = load_data(cfg)
+    if not len(data.train_y):
+        raise ConfigError("the simulation partitions the server's data set among its "
+                          "clients, and it holds no images: set data-dir (sites with their "
+                          "own folders are a deployment: see the README's Deploy section)")
+    check_server_data(cfg, data)
     partition(data.train_y, cfg)
     if cfg.diffusion_init:
         from fedgen.models import load_unet
@@ -65,7 +70,6 @@ def simulate(cfg: RunConfig, verbose: bool = False) -> dict:
     from flwr.simulation import run_simulation
 
     from fedgen.client_app import make_client_app
-    from fedgen.server_app import make_server_app
 
     flwr_log = logging.getLogger("flwr")
     flwr_log.setLevel(logging.INFO if verbose else logging.WARNING)
@@ -91,6 +95,18 @@ def format_table(results: dict) -> str:
         rows.append(f"| {arm} | {100 * e['final_accuracy']:.1f} | {100 * e['best_accuracy']:.1f}"
                     f" | {100 * e['first_round_accuracy']:.1f} | {e['train_samples_per_round']}"
                     f" | {e['steps']} |")
+    client_rows = [(arm, e) for arm, e in results["arms"].items()
+                   if e.get("client_accuracy_by_node")]
+    if client_rows:
+        rows.append("\nclients' own held-out images (final round, sample-weighted mean "
+                    "and per node):")
+        for arm, e in client_rows:
+            nodes = ", ".join(f"{k} {100 * v['accuracy']:.1f}"
+                              for k, v in e["client_accuracy_by_node"].items())
+            rows.append(f"{arm}: {100 * e['final_client_accuracy']:.1f} ({nodes})")
+    if results.get("failures"):
+        rows.append(f"\nrounds with failed or timed-out nodes: {len(results['failures'])} "
+                    f"(see failures in results.json)")
     gen = results.get("generation") or {}
     if gen:
         fid = gen.get("fidelity")

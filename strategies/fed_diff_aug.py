@@ -138,16 +138,20 @@ class FedDiffAug(PhasedFedAvg):
         return unet
 
     def record_generation(self, plan, images, labels, seconds: float) -> None:
-        ref = ReferenceClassifier(self.data.train_x, self.data.train_y, seed=self.cfg.seed)
-        fidelity = ref.accuracy(images, labels)
-        per_class = [ref.accuracy(images[labels == c], labels[labels == c])
-                     for c in range(self.data.num_classes)]
-        k = max(plan) + 1 if plan else 0
-        counts = np.stack([plan.get(i, np.zeros(self.data.num_classes, np.int64))
-                           for i in range(k)]) if k else np.zeros((0, self.data.num_classes))
+        """Counts per node, samples, and fidelity (None where the server holds no images
+        to fit its reference classifier on)."""
+        fidelity, per_class = None, [None] * self.data.num_classes
+        if len(self.data.train_y):
+            ref = ReferenceClassifier(self.data.train_x, self.data.train_y, seed=self.cfg.seed)
+            fidelity = ref.accuracy(images, labels)
+            per_class = [ref.accuracy(images[labels == c], labels[labels == c])
+                         for c in range(self.data.num_classes)]
+        none = np.zeros(self.data.num_classes, np.int64)
+        counts = np.stack([plan.get(k, none) for k in self.roster.keys]) if plan \
+            else np.zeros((0, self.data.num_classes), np.int64)
         self.recorder.set_generation(counts, labels, images, fidelity, per_class, seconds)
-        log.info("generation: %d samples in %.1f s, fidelity %.1f%% (reference classifier)",
-                 len(labels), seconds, 100 * fidelity)
+        log.info("generation: %d samples in %.1f s, fidelity %s (reference classifier)",
+                 len(labels), seconds, "n/a" if fidelity is None else f"{100 * fidelity:.1f}%")
 
     def save_unet(self) -> None:
         """The global DDPM, loadable by stock diffusers (``DDPMPipeline.from_pretrained``)."""

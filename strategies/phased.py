@@ -8,19 +8,18 @@ and register their aggregation in :meth:`PhasedFedAvg.aggregators`.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from flwr.common import (FitIns, FitRes, Parameters, Scalar, ndarrays_to_parameters,
-                         parameters_to_ndarrays)
+from flwr.common import (EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, Scalar,
+                         ndarrays_to_parameters, parameters_to_ndarrays)
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
-from fedgen.aggregation import weighted_average
+from fedgen.aggregation import pool_evaluations, weighted_average
 from fedgen.classifier import evaluate
 from fedgen.config import RunConfig
 from fedgen.data import ImageData
@@ -28,19 +27,13 @@ from fedgen.models import (build_classifier, classifier_shell, device, get_weigh
                            set_weights)
 from fedgen.results import Recorder
 from fedgen.seeds import derive_seed
+from strategies.roster import Roster, describe, needed
 
 log = logging.getLogger(__name__)
 
 Results = list[tuple[ClientProxy, FitRes]]
 Aggregated = tuple[Parameters | None, dict[str, Scalar]]
 EMPTY = Parameters(tensors=[], tensor_type="numpy.ndarray")
-
-
-def describe(failure) -> str:
-    """A client failure as text: an exception, or a result with a non-OK status."""
-    if isinstance(failure, tuple):
-        return f"status {failure[1].status.code.name}: {failure[1].status.message}"
-    return repr(failure)
 
 
 @dataclass(frozen=True)
@@ -66,7 +59,8 @@ class PhasedFedAvg(FedAvg):
     cfg : RunConfig
         The run's configuration.
     data : ImageData
-        The server's data: its test split drives centralised evaluation.
+        The server's data: its test split drives centralised evaluation (it may hold no
+        images at all when ``evaluation=clients``: then only its shape and classes count).
     recorder : Recorder
         Where results, timings and plots go.
     """
@@ -82,9 +76,11 @@ class PhasedFedAvg(FedAvg):
         self.arms = self.select_arms(cfg.arm_list)
         self.phases = self.plan()
         self.schedule = [(p, r) for p in self.phases for r in range(1, p.rounds + 1)]
-        self.histograms: dict[int, np.ndarray] = {}   # partition id -> label counts
-        self.partition_of: dict[str, int] = {}        # client cid -> partition id
+        self.roster = Roster()
+        self.histograms = self.roster.histograms      # node key -> label counts
+        self.partition_of = self.roster.key_of        # client cid -> node key
         self._train_metrics: dict[str, float] = {}
+        self._server_test: dict | None = None
         self._classifier_init = get_weights(self._classifier(
             seed=derive_seed(cfg.seed, "classifier-init")))
 
@@ -132,30 +128,49 @@ class PhasedFedAvg(FedAvg):
         self.recorder.start_round()
         config = self.fit_config(phase, rnd, server_round)
         sent = parameters if phase.sends_weights else EMPTY
+        clients = self.select_clients(phase, server_round, client_manager)
+        self.roster.asked("fit", server_round, clients)
         return [(client, FitIns(self.payload_for(phase, client, sent), dict(config)))
-                for client in self.select_clients(phase, server_round, client_manager)]
+                for client in clients]
 
     def aggregate_fit(self, server_round: int, results: Results,
                       failures: list) -> Aggregated:
         phase, rnd = self.locate(server_round)
-        if failures:
-            log.warning("round %d (%s): %d client(s) failed, first: %s", server_round,
-                        phase.name, len(failures), describe(failures[0]))
-        if not results:
-            raise RuntimeError(f"round {server_round} ({phase.name}): every client failed; "
-                               f"first failure: {describe(failures[0]) if failures else 'none'}")
+        self.check_replies("fit", server_round, results, failures)
         # Results arrive in completion order; summing float32 weights in that order made
-        # reruns of one seed drift apart (76.1 vs 77.8 % on one arm). Partition order is fixed.
+        # reruns of one seed drift apart (76.1 vs 77.8 % on one arm). Node order is fixed.
         results = sorted(results, key=lambda r: self.partition_order(r[0]))
         self._train_metrics = self.train_summary(results)
         return self.aggregators()[phase.kind](phase, rnd, results)
 
-    def partition_order(self, client: ClientProxy) -> tuple[int, str]:
-        """Sort key: partition id (known after the stats round), then cid."""
-        return self.partition_of.get(client.cid, len(self.partition_of)), client.cid
+    def check_replies(self, kind: str, server_round: int, results: list, failures: list
+                      ) -> None:
+        """Record the nodes that failed or timed out; fail the run, with a message that
+        says why, when fewer than ``min-fit-fraction`` of the nodes asked replied."""
+        phase, rnd = self.locate(server_round)
+        asked, failed, errors = self.roster.account(kind, server_round, results, failures)
+        if failed:
+            self.recorder.log_failures(kind, phase.name, rnd, server_round, asked,
+                                       len(results), failed, errors)
+            for f in failed:
+                log.warning("round %d (%s, %s): %s failed: %s", server_round, phase.name,
+                            kind, f["node"], f["reason"])
+        if len(results) < needed(asked, self.cfg.min_fit_fraction):
+            first = failed[0] if failed else {"node": "-", "reason": "none"}
+            message = (f"round {server_round} ({phase.name}, {kind}): {len(results)} of "
+                       f"{asked} node(s) replied, fewer than min-fit-fraction="
+                       f"{self.cfg.min_fit_fraction:g} needs; first failure: "
+                       f"{first['node']}: {first['reason']}")
+            self.recorder.fail(message)
+            raise RuntimeError(message)
+
+    def partition_order(self, client: ClientProxy) -> tuple:
+        """Sort key: the node's key (known after the stats round), then cid."""
+        return self.roster.order(client)
 
     def evaluate(self, server_round: int, parameters: Parameters):
-        if server_round == 0:
+        """Centralised evaluation on the server's test split (evaluation=server/both)."""
+        if server_round == 0 or self.cfg.evaluation == "clients":
             return None
         phase, rnd = self.locate(server_round)
         if phase.kind != "classify":
@@ -164,17 +179,50 @@ class PhasedFedAvg(FedAvg):
         set_weights(model, parameters_to_ndarrays(parameters))
         res = evaluate(model, self.data.test_x, self.data.test_y, self.data.num_classes,
                        self.device)
-        self.recorder.log_round(phase.arm, rnd, server_round, res, self._train_metrics)
-        log.info("[%s] round %d/%d  test accuracy %.2f%%  (train loss %.3f, %d samples)",
-                 phase.name, rnd, phase.rounds, 100 * res["accuracy"],
-                 self._train_metrics.get("loss", float("nan")),
-                 self._train_metrics.get("samples", 0))
-        if server_round == self.num_rounds:
-            self.recorder.finish()
+        if self.cfg.evaluation == "server":
+            self.log_classifier_round(phase, rnd, server_round, res)
+        else:
+            self._server_test = res  # logged with the clients' figures of this round
         return res["loss"], {"accuracy": res["accuracy"]}
 
-    def configure_evaluate(self, server_round, parameters, client_manager):
-        return []  # evaluation is centralised on the server's test split
+    def configure_evaluate(self, server_round: int, parameters: Parameters,
+                           client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
+        """evaluation=clients/both: every node evaluates the global classifier on its own
+        held-out images after each classifier round."""
+        phase, rnd = self.locate(server_round)
+        if self.cfg.evaluation == "server" or phase.kind != "classify":
+            return []
+        clients = self.roster.members(client_manager.all().values())
+        self.roster.asked("evaluate", server_round, clients)
+        config = {**self.fit_config(phase, rnd, server_round), "evaluate": True}
+        return [(c, EvaluateIns(parameters, dict(config))) for c in clients]
+
+    def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]],
+                           failures: list):
+        """Pool the nodes' figures (sample-weighted) and log the round."""
+        phase, rnd = self.locate(server_round)
+        self.check_replies("evaluate", server_round, results, failures)
+        results = sorted(results, key=lambda r: self.partition_order(r[0]))
+        pooled = pool_evaluations([(self.roster.label(c.cid), r.num_examples, r.loss, r.metrics)
+                                   for c, r in results], self.data.num_classes)
+        test = pooled if self.cfg.evaluation == "clients" else self._server_test
+        self.log_classifier_round(phase, rnd, server_round, test, pooled)
+        return pooled["loss"], {"accuracy": pooled["accuracy"]}
+
+    def log_classifier_round(self, phase: Phase, rnd: int, server_round: int, test: dict,
+                             clients: dict | None = None) -> None:
+        self.recorder.log_round(phase.arm, rnd, server_round, test, self._train_metrics,
+                                clients)
+        log.info("[%s] round %d/%d  %s accuracy %.2f%%  (train loss %.3f, %d samples)",
+                 phase.name, rnd, phase.rounds,
+                 "clients'" if self.cfg.evaluation == "clients" else "test",
+                 100 * test["accuracy"], self._train_metrics.get("loss", float("nan")),
+                 self._train_metrics.get("samples", 0))
+        if clients is not None and self.cfg.evaluation == "both":
+            log.info("[%s] round %d/%d  clients' accuracy %.2f%%", phase.name, rnd,
+                     phase.rounds, 100 * clients["accuracy"])
+        if server_round == self.num_rounds:
+            self.recorder.finish()
 
     # -------------------------------------------------------- overridable parts
     def start_phase(self, phase: Phase) -> list[np.ndarray] | None:
@@ -189,7 +237,8 @@ class PhasedFedAvg(FedAvg):
         """Settings the clients read: what to do this round, and how."""
         config: dict[str, Scalar] = {"phase": phase.kind, "arm": phase.arm,
                                      "round": rnd, "server-round": server_round,
-                                     "last-round": server_round == self.num_rounds}
+                                     "last-round": server_round == self.num_rounds,
+                                     "class-names": ",".join(self.data.classes)}
         if phase.kind == "classify":
             config.update({"epochs": self.cfg.local_epochs, "batch-size": self.cfg.batch_size,
                            "lr": self.cfg.lr})
@@ -199,16 +248,39 @@ class PhasedFedAvg(FedAvg):
 
     def select_clients(self, phase: Phase, server_round: int,
                        client_manager: ClientManager) -> list[ClientProxy]:
-        """Every client for data rounds; otherwise a seeded ``fraction-fit`` share, drawn
-        over clients ordered by partition id (known from the stats round, which comes
-        first), so the same seed picks the same partitions."""
-        client_manager.wait_for(self.cfg.num_clients)
-        clients = sorted(client_manager.all().values(), key=self.partition_order)
+        """The nodes connected now that reported in the stats round (which comes first),
+        ordered by node key: all of them for data rounds, otherwise a seeded
+        ``fraction-fit`` share, so the same seed picks the same nodes. Only the first round
+        waits for ``num-clients`` nodes, and at most ``node-wait-timeout`` seconds."""
+        if server_round == 1:
+            self.wait_for_nodes(client_manager)
+        clients = self.roster.members(client_manager.all().values())
+        if not clients:
+            message = f"round {server_round} ({phase.name}): no node is connected"
+            self.recorder.fail(message)
+            raise RuntimeError(message)
         if phase.all_clients or self.cfg.fraction_fit >= 1.0:
             return clients
         n = max(1, round(self.cfg.fraction_fit * len(clients)))
         rng = np.random.default_rng(derive_seed(self.cfg.seed, "sample", server_round))
         return [clients[i] for i in sorted(rng.choice(len(clients), size=n, replace=False))]
+
+    def wait_for_nodes(self, client_manager: ClientManager) -> None:
+        """Wait up to ``node-wait-timeout`` s for ``num-clients`` nodes; go on with fewer
+        if they are enough for ``min-fit-fraction``, else fail with a clear message."""
+        want = self.cfg.num_clients
+        if client_manager.wait_for(want, timeout=int(self.cfg.node_wait_timeout)):
+            return
+        have = client_manager.num_available()
+        if have < needed(want, self.cfg.min_fit_fraction):
+            message = (f"only {have} of num-clients={want} node(s) connected within "
+                       f"node-wait-timeout={self.cfg.node_wait_timeout:g} s; "
+                       f"min-fit-fraction={self.cfg.min_fit_fraction:g} needs "
+                       f"{needed(want, self.cfg.min_fit_fraction)}")
+            self.recorder.fail(message)
+            raise RuntimeError(message)
+        log.warning("%d of num-clients=%d node(s) connected after %g s; going on with them",
+                    have, want, self.cfg.node_wait_timeout)
 
     def payload_for(self, phase: Phase, client: ClientProxy, parameters: Parameters
                     ) -> Parameters:
@@ -225,17 +297,14 @@ class PhasedFedAvg(FedAvg):
         return ndarrays_to_parameters(self.aggregate_weights(results)), self._train_metrics
 
     def aggregate_stats(self, phase: Phase, rnd: int, results: Results) -> Aggregated:
-        """Learn each client's partition id and label histogram (nothing else)."""
+        """Learn each node's key (partition id or node name) and label histogram (nothing
+        else)."""
         for client, res in results:
-            pid = int(res.metrics["partition-id"])
-            self.partition_of[client.cid] = pid
-            self.histograms[pid] = np.asarray(json.loads(str(res.metrics["histogram"])),
-                                              dtype=np.int64)
-        k = max(self.histograms) + 1
-        hist = np.stack([self.histograms.get(i, np.zeros(self.data.num_classes, np.int64))
-                         for i in range(k)])
-        self.recorder.set_partition({i: int(h.sum()) for i, h in self.histograms.items()}, hist)
-        log.info("stats: %d clients, sizes %s", len(self.histograms), hist.sum(1).tolist())
+            self.roster.report(client.cid, res.metrics)
+        keys = self.roster.keys
+        hist = np.stack([self.histograms[k] for k in keys])
+        self.recorder.set_partition(keys, hist)
+        log.info("stats: %d clients, sizes %s", len(keys), hist.sum(1).tolist())
         return None, {}
 
     @staticmethod

@@ -33,11 +33,17 @@ def tiny_config(tmp_path: Path, **changes) -> RunConfig:
 class InProcessProxy(ClientProxy):
     """A ClientProxy that calls a client directly: the real Flower Server loop, no Ray."""
 
-    def __init__(self, cid: str, cfg: RunConfig, partition_id: int):
+    def __init__(self, cid: str, cfg: RunConfig, node: int | dict):
+        """``node``: a partition id, or a whole node config (loaded at the first round,
+        as a SuperNode does)."""
         super().__init__(cid)
-        local = LocalData.from_node(cfg, {"partition-id": partition_id,
-                                          "num-partitions": cfg.num_clients}, run_id=0)
-        self.client = PhaseRouter(local, METHODS[cfg.method].clients).to_client()
+        if isinstance(node, int):
+            local = LocalData.from_node(cfg, {"partition-id": node,
+                                              "num-partitions": cfg.num_clients}, run_id=0)
+        else:
+            def local(classes, node_config=dict(node)):
+                return LocalData.from_node(cfg, node_config, 0, classes)
+        self.client = PhaseRouter(local, METHODS[cfg.method].clients)
         self.received: list = []
 
     def fit(self, ins, timeout, group_id) -> FitRes:
@@ -51,17 +57,21 @@ class InProcessProxy(ClientProxy):
         return GetParametersRes(Status(Code.OK, ""), None)
 
     def evaluate(self, ins, timeout, group_id):
-        return EvaluateRes(Status(Code.OK, ""), 0.0, 0, {})
+        self.received.append(ins)
+        return self.client.evaluate(ins)
 
     def reconnect(self, ins, timeout, group_id):
         return None
 
 
-def run_in_process(cfg: RunConfig):
-    """Run a whole method through flwr.server.Server with in-process clients."""
+def run_in_process(cfg: RunConfig, nodes: list | None = None):
+    """Run a whole method through flwr.server.Server with in-process clients: one per
+    partition, or one per entry of ``nodes`` (partition ids, node configs or proxies)."""
     strategy = build_strategy(cfg)
     manager = SimpleClientManager()
-    proxies = [InProcessProxy(f"node-{k}", cfg, k) for k in range(cfg.num_clients)]
+    nodes = list(range(cfg.num_clients)) if nodes is None else nodes
+    proxies = [n if isinstance(n, ClientProxy) else InProcessProxy(f"node-{k}", cfg, n)
+               for k, n in enumerate(nodes)]
     for proxy in proxies:
         manager.register(proxy)
     Server(client_manager=manager, strategy=strategy).fit(strategy.num_rounds, timeout=None)

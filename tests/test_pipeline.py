@@ -23,7 +23,7 @@ def test_each_client_gets_its_own_class_balancing_batch(tmp_path):
         ins = proxy.received[gen_round - 1]
         assert ins.config["phase"] == "generation"
         images, labels = parameters_to_ndarrays(ins.parameters)
-        pid = proxy.client.numpy_client.local.partition_id
+        pid = proxy.client.local.node
         expected = fill_to_max(strategy.histograms[pid], cfg.augment_ratio)
         assert images.dtype == np.uint8 and images.shape[1:] == (1, 8, 8)
         assert np.bincount(labels, minlength=10).tolist() == expected.tolist()
@@ -106,7 +106,7 @@ def test_fraction_fit_sampling_is_seeded(tmp_path):
         strategy, proxies = run_in_process(cfg)
         rounds = {}
         for proxy in proxies:
-            pid = proxy.client.numpy_client.local.partition_id
+            pid = proxy.client.local.node
             for ins in proxy.received:
                 if ins.config["phase"] == "classify":
                     rounds.setdefault(ins.config["round"], set()).add(pid)
