@@ -9,6 +9,7 @@ from flwr.client import Client, ClientApp, NumPyClient
 from flwr.common import Context
 
 from clients import LocalData, PhaseRouter
+from fedgen import logs
 from fedgen.config import RunConfig
 from fedgen.methods import METHODS
 
@@ -28,6 +29,7 @@ def client_for(cfg: RunConfig, context: Context, clients: Handlers | None = None
 
 
 def client_fn(context: Context) -> Client:
+    logs.setup()
     return client_for(RunConfig.from_mapping(context.run_config), context)
 
 

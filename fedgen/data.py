@@ -197,15 +197,15 @@ def load_site(cfg: RunConfig, folder: str, classes: tuple[str, ...]) -> ImageDat
     node's data, in the run's label space ``classes``; it may lack classes. Test images
     only where the folder has ``test/`` (the CIFAR layout's test batch counts too)."""
     root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data-dir {root}: folder not found; expected "
+                        f"<data-dir>/<class name>/<image files>")
     if cfg.dataset in CIFAR_LAYOUT:
         data = load_cifar(cfg.replace(data_dir=str(root)))
         return _relabel(data, classes, root)
     if cfg.dataset != "imagefolder":
         raise DataError(f"data-dir {root}: a site folder needs dataset=imagefolder (or "
                         f"cifar10/cifar100 in their layout), not dataset={cfg.dataset}")
-    if not root.is_dir():
-        raise DataError(f"data-dir {root}: folder not found; expected "
-                        f"<data-dir>/<class name>/<image files>")
     return read_folder(root, cfg.image_size or 32, classes, None)
 
 
