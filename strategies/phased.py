@@ -27,7 +27,7 @@ from fedgen.models import (build_classifier, classifier_shell, device, get_weigh
                            set_weights)
 from fedgen.results import Recorder
 from fedgen.seeds import derive_seed
-from strategies.roster import Roster, describe, needed
+from strategies.roster import Roster, needed
 
 log = logging.getLogger(__name__)
 

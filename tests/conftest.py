@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from flwr.common import (Code, EvaluateRes, FitRes, GetParametersRes, GetPropertiesRes,
+from flwr.common import (Code, FitRes, GetParametersRes, GetPropertiesRes,
                          Status)
 from flwr.server import Server
 from flwr.server.client_manager import SimpleClientManager
