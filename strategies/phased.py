@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NoReturn
 
 import numpy as np
 from flwr.common import (EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, Scalar,
@@ -161,8 +161,13 @@ class PhasedFedAvg(FedAvg):
                        f"{asked} node(s) replied, fewer than min-fit-fraction="
                        f"{self.cfg.min_fit_fraction:g} needs; first failure: "
                        f"{first['node']}: {first['reason']}")
-            self.recorder.fail(message)
-            raise RuntimeError(message)
+            self.fail(message)
+
+    def fail(self, message: str) -> NoReturn:
+        """Stop the run: ``results.json`` says why (what it measured stays), and so does
+        the run's status (``flwr list``)."""
+        self.recorder.fail(message)
+        raise RuntimeError(message)
 
     def partition_order(self, client: ClientProxy) -> tuple:
         """Sort key: the node's key (known after the stats round), then cid."""
@@ -256,9 +261,7 @@ class PhasedFedAvg(FedAvg):
             self.wait_for_nodes(client_manager)
         clients = self.roster.members(client_manager.all().values())
         if not clients:
-            message = f"round {server_round} ({phase.name}): no node is connected"
-            self.recorder.fail(message)
-            raise RuntimeError(message)
+            self.fail(f"round {server_round} ({phase.name}): no node is connected")
         if phase.all_clients or self.cfg.fraction_fit >= 1.0:
             return clients
         n = max(1, round(self.cfg.fraction_fit * len(clients)))
@@ -277,8 +280,7 @@ class PhasedFedAvg(FedAvg):
                        f"node-wait-timeout={self.cfg.node_wait_timeout:g} s; "
                        f"min-fit-fraction={self.cfg.min_fit_fraction:g} needs "
                        f"{needed(want, self.cfg.min_fit_fraction)}")
-            self.recorder.fail(message)
-            raise RuntimeError(message)
+            self.fail(message)
         log.warning("%d of num-clients=%d node(s) connected after %g s; going on with them",
                     have, want, self.cfg.node_wait_timeout)
 

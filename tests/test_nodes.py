@@ -2,6 +2,7 @@
 data is, and nodes that fail, time out or cannot serve the run (in-process Flower loop)."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -175,3 +176,20 @@ def test_pooled_client_evaluation_against_hand_computed_figures():
     assert pooled["per_class_accuracy"] == pytest.approx([5 / 8, 27 / 32])
     assert pooled["by_node"] == {"a": {"accuracy": 0.5, "examples": 10},
                                  "b": {"accuracy": 0.9, "examples": 30}}
+
+
+def test_the_first_round_waits_a_bounded_time_then_goes_on_with_the_nodes_connected(tmp_path):
+    cfg = tiny_config(tmp_path, arms="real", num_clients=4, node_wait_timeout=1.0)
+    start = time.monotonic()
+    run_in_process(cfg, [0, 1, 2])  # the fourth SuperNode never comes
+    assert time.monotonic() - start < 60
+    res = results(tmp_path)
+    assert res["status"] == "completed" and res["partition"]["nodes"] == [0, 1, 2]
+
+
+def test_too_few_connected_nodes_fail_the_run_after_the_wait(tmp_path):
+    cfg = tiny_config(tmp_path, arms="real", num_clients=4, node_wait_timeout=1.0)
+    with pytest.raises(RuntimeError, match=r"only 1 of num-clients=4 node\(s\) connected "
+                                           r"within node-wait-timeout=1 s"):
+        run_in_process(cfg, [0])
+    assert results(tmp_path)["status"] == "failed"
