@@ -68,19 +68,29 @@ def mean_std(values: list[float]) -> str:
 
 
 def table(rows: dict[str, list[dict]], label: str) -> str:
-    lines = [f"| {label} | arm | final acc (%) | best acc (%) | round-1 acc (%) | fidelity (%) | n |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"| {label} | arm | final acc (%) | best acc (%) | round-1 acc (%) | fidelity (%) "
+             f"| Fréchet dist. | s/run | n |", "|---|---|---|---|---|---|---|---|---|"]
     for name, results in rows.items():
-        fid = [r["generation"]["fidelity"] for r in results
-               if (r.get("generation") or {}).get("fidelity") is not None]
+        gens = [r.get("generation") or {} for r in results]
+        fid = [g["fidelity"] for g in gens if g.get("fidelity") is not None]
+        fd = [g["frechet_distance"] for g in gens if g.get("frechet_distance") is not None]
+        secs = np.mean([r["timings"].get("total", np.nan) for r in results])
         for arm in results[0]["arms"]:
             per = [r["arms"][arm] for r in results]
+            gen_cols = (f"{mean_std(fid) if fid else ''} | "
+                        f"{plain_mean_std(fd) if fd else ''} | {secs:.0f}"
+                        if arm == "diffusion" else " | | ")
             lines.append(
                 f"| {name} | {arm} | {mean_std([p['final_accuracy'] for p in per])} | "
                 f"{mean_std([p['best_accuracy'] for p in per])} | "
                 f"{mean_std([p['first_round_accuracy'] for p in per])} | "
-                f"{mean_std(fid) if fid and arm == 'diffusion' else ''} | {len(per)} |")
+                f"{gen_cols} | {len(per)} |")
     return "\n".join(lines)
+
+
+def plain_mean_std(values: list[float]) -> str:
+    v = np.asarray(values, dtype=float)
+    return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f}"
 
 
 def main(argv=None) -> int:

@@ -78,9 +78,10 @@ class ClassifierClient(NumPyClient):
     def __init__(self, local: LocalData):
         self.local = local
 
-    def loss_hooks(self, config: dict) -> list[LossHook]:
-        """Extra terms for the local loss (none here; FedProx/FedDifRC-style methods
-        override this instead of copying the loop)."""
+    def loss_hooks(self, model, config: dict) -> list[LossHook]:
+        """Extra terms for the local loss of ``model`` (which holds the global weights
+        when this is called; none here: FedProx/FedDifRC-style methods override this
+        instead of copying the loop)."""
         return []
 
     def fit(self, parameters, config):
@@ -95,7 +96,7 @@ class ClassifierClient(NumPyClient):
                                  batch_size=int(config["batch-size"]), lr=float(config["lr"]),
                                  momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                  seed=loc.seed(int(config["seed"])), device=loc.device,
-                                 loss_hooks=self.loss_hooks(config))
+                                 loss_hooks=self.loss_hooks(model, config))
         return get_weights(model), len(labels), {**stats, "samples": len(labels)}
 
     def evaluate(self, parameters, config):

@@ -6,21 +6,26 @@ from flwr.client import NumPyClient
 
 from clients.local import LocalData
 from fedgen.diffusion import LossHook, train_ddpm
+from fedgen.losses import proximal
 from fedgen.models import build_scheduler, get_weights, set_weights, unet_shell
 
 
 class DiffusionClient(NumPyClient):
     """Unpack the global UNet, run the local DDPM loop, pack the result.
 
-    Fit config: ``epochs``, ``batch-size``, ``lr``, ``seed``.
+    Fit config: ``epochs``, ``batch-size``, ``lr``, ``seed``, ``cfg-dropout`` (label
+    dropout to the null class) and ``proximal-mu`` (FedProx drift term; 0 = off).
     """
 
     def __init__(self, local: LocalData):
         self.local = local
 
-    def loss_hooks(self, config: dict) -> list[LossHook]:
-        """Extra terms for the local denoising loss (none here; methods override)."""
-        return []
+    def loss_hooks(self, unet, config: dict) -> list[LossHook]:
+        """Extra terms for the local denoising loss of ``unet`` (which holds the global
+        weights when this is called): the drift term when ``proximal-mu`` > 0; methods
+        override this to add theirs."""
+        mu = float(config.get("proximal-mu", 0.0))
+        return [proximal(unet, mu)] if mu > 0 else []
 
     def fit(self, parameters, config):
         loc, data = self.local, self.local.data
@@ -28,6 +33,7 @@ class DiffusionClient(NumPyClient):
         set_weights(unet, parameters)
         stats = train_ddpm(unet, build_scheduler(loc.cfg), loc.images, loc.labels,
                            epochs=int(config["epochs"]), batch_size=int(config["batch-size"]),
-                           lr=float(config["lr"]), seed=loc.seed(int(config["seed"])), device=loc.device,
-                           loss_hooks=self.loss_hooks(config))
+                           lr=float(config["lr"]), seed=loc.seed(int(config["seed"])),
+                           device=loc.device, loss_hooks=self.loss_hooks(unet, config),
+                           cfg_dropout=float(config.get("cfg-dropout", 0.0)))
         return get_weights(unet), len(loc.labels), stats

@@ -11,7 +11,7 @@ from flwr.common import Context
 from clients import LocalData, PhaseRouter
 from fedgen import logs
 from fedgen.config import RunConfig
-from fedgen.methods import METHODS
+from fedgen.methods import method_for
 
 Handlers = Mapping[str, type[NumPyClient]]
 
@@ -24,7 +24,7 @@ def client_for(cfg: RunConfig, context: Context, clients: Handlers | None = None
     def load(classes: tuple[str, ...]) -> LocalData:
         return LocalData.from_node(cfg, node_config, context.run_id, classes)
 
-    handlers = clients if clients is not None else METHODS[cfg.method].clients
+    handlers = clients if clients is not None else method_for(cfg).clients
     return PhaseRouter(load, handlers)
 
 
@@ -37,7 +37,7 @@ def make_client_app(cfg: RunConfig) -> ClientApp:
     """Resolve the method's client classes HERE, in the process that registered the
     method: simulation workers are other processes, whose registry lacks methods a user
     registered at run time; the classes travel to them inside the app (by value)."""
-    clients = dict(METHODS[cfg.method].clients)
+    clients = dict(method_for(cfg).clients)
 
     def method_client_fn(context: Context) -> Client:
         return client_for(cfg, context, clients)

@@ -15,6 +15,7 @@ from diffusers import SchedulerMixin, UNet2DModel
 from tqdm.auto import tqdm
 
 from fedgen.data import to_float, to_uint8
+from fedgen.models import null_class
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +26,13 @@ LossHook = Callable[[torch.nn.Module, dict], torch.Tensor]
 
 def train_ddpm(unet: UNet2DModel, scheduler: SchedulerMixin, images: np.ndarray,
                labels: np.ndarray, *, epochs: int, batch_size: int, lr: float, seed: int,
-               device: torch.device, loss_hooks: Sequence[LossHook] = ()) -> dict:
+               device: torch.device, loss_hooks: Sequence[LossHook] = (),
+               cfg_dropout: float = 0.0) -> dict:
     """Train ``unet`` in place with the epsilon-prediction loss; returns loss and steps.
 
-    ``images`` are uint8 (N, C, H, W); ``labels`` int64 (N,).
+    ``images`` are uint8 (N, C, H, W); ``labels`` int64 (N,). With ``cfg_dropout`` > 0 each
+    label is replaced by the null class with that probability, so the same UNet also
+    learns the unconditional score that classifier-free guidance needs (Ho & Salimans 2022).
     """
     gen = torch.Generator().manual_seed(seed)
     x_all = to_float(images).to(device)
@@ -36,12 +40,16 @@ def train_ddpm(unet: UNet2DModel, scheduler: SchedulerMixin, images: np.ndarray,
     opt = torch.optim.AdamW(unet.parameters(), lr=lr)
     T = scheduler.config.num_train_timesteps
     unet.to(device).train()
+    null = null_class(unet)
     losses, steps = [], 0
     for _ in range(epochs):
         for idx in torch.randperm(len(x_all), generator=gen).split(batch_size):
             clean, y = x_all[idx.to(device)], y_all[idx.to(device)]
             noise = torch.randn(clean.shape, generator=gen).to(device)
             t = torch.randint(0, T, (len(idx),), generator=gen).to(device)
+            if cfg_dropout > 0:
+                drop = (torch.rand(len(idx), generator=gen) < cfg_dropout).to(device)
+                y = torch.where(drop, torch.full_like(y, null), y)
             noisy = scheduler.add_noise(clean, noise, t)  # q(x_t | x_0), Ho et al. eq. 4
             pred = unet(noisy, t, class_labels=y).sample
             loss = torch.nn.functional.mse_loss(pred, noise)  # L_simple, Ho et al. eq. 14
@@ -60,8 +68,12 @@ def train_ddpm(unet: UNet2DModel, scheduler: SchedulerMixin, images: np.ndarray,
 @torch.no_grad()
 def sample(unet: UNet2DModel, sampler: SchedulerMixin, labels: np.ndarray, *, steps: int,
            seed: int, device: torch.device, batch_size: int = 500,
-           progress: bool = True) -> np.ndarray:
-    """Class-conditional samples for ``labels`` as uint8 (N, C, H, W); seeded."""
+           progress: bool = True, guidance_scale: float = 1.0) -> np.ndarray:
+    """Class-conditional samples for ``labels`` as uint8 (N, C, H, W); seeded.
+
+    ``guidance_scale`` w != 1: classifier-free guidance, eps = eps_u + w (eps_c - eps_u),
+    with eps_u the prediction for the null class (one batched pass of twice the size).
+    """
     gen = torch.Generator().manual_seed(seed)
     c, s = unet.config.in_channels, unet.config.sample_size
     unet.to(device).eval()
@@ -78,9 +90,20 @@ def sample(unet: UNet2DModel, sampler: SchedulerMixin, labels: np.ndarray, *, st
         x = torch.randn((len(y), c, s, s), generator=gen).to(device)
         y = y.to(device)
         for t in sampler.timesteps:
-            eps = unet(x, t, class_labels=y).sample
+            eps = guided_eps(unet, x, t, y, guidance_scale)
             x = sampler.step(eps, t, x, generator=gen).prev_sample
             bar.update()
         out.append(to_uint8(x))
     bar.close()
     return np.concatenate(out)
+
+
+def guided_eps(unet: UNet2DModel, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
+               guidance_scale: float) -> torch.Tensor:
+    """The noise prediction at guidance ``w``: eps_c at w = 1, else eps_u + w (eps_c - eps_u)."""
+    if guidance_scale == 1.0:
+        return unet(x, t, class_labels=labels).sample
+    null = torch.full_like(labels, null_class(unet))
+    both = unet(torch.cat([x, x]), t, class_labels=torch.cat([labels, null])).sample
+    eps_c, eps_u = both.chunk(2)
+    return eps_u + guidance_scale * (eps_c - eps_u)

@@ -13,6 +13,7 @@ from typing import Mapping
 from flwr.client import NumPyClient
 
 from clients import PHASE_CLIENTS
+from fedgen.config import ConfigError, RunConfig
 from strategies import FedAvgReal, FedDiffAug, PhasedFedAvg
 
 
@@ -28,3 +29,12 @@ METHODS: dict[str, Method] = {
                                        "(methods.md A)"),
     "fedavg": Method(FedAvgReal, "FedAvg on real data only"),
 }
+
+
+def method_for(cfg: RunConfig) -> Method:
+    """The registry entry of ``cfg.method``; an unknown name is a ConfigError naming the
+    registered ones (the registry, not the config schema, knows which exist)."""
+    if cfg.method not in METHODS:
+        raise ConfigError(f"method: unknown value {cfg.method!r}; allowed: "
+                          f"{', '.join(METHODS)}")
+    return METHODS[cfg.method]

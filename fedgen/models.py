@@ -44,7 +44,8 @@ def device() -> torch.device:
 
 def unet_config(cfg: RunConfig, channels: int, num_classes: int, image_size: int) -> dict:
     """The UNet2DModel config dict: attention in the ``unet-attention-levels`` lowest
-    resolutions, a class embedding for class-conditional sampling."""
+    resolutions, a class embedding for class-conditional sampling with one extra row, the
+    null class ``num_classes`` of classifier-free guidance (see :func:`null_class`)."""
     widths = cfg.unet_channel_list
     levels = len(widths)
     attn = [i >= levels - cfg.unet_attention_levels for i in range(levels)]
@@ -53,7 +54,12 @@ def unet_config(cfg: RunConfig, channels: int, num_classes: int, image_size: int
     return dict(sample_size=image_size, in_channels=channels, out_channels=channels,
                 block_out_channels=widths, layers_per_block=cfg.unet_layers_per_block,
                 down_block_types=tuple(down), up_block_types=tuple(up),
-                num_class_embeds=num_classes, norm_num_groups=cfg.unet_norm_groups)
+                num_class_embeds=num_classes + 1, norm_num_groups=cfg.unet_norm_groups)
+
+
+def null_class(unet: UNet2DModel) -> int:
+    """The label meaning "no class" (the last row of the class embedding)."""
+    return unet.config.num_class_embeds - 1
 
 
 def build_unet(cfg: RunConfig, channels: int, num_classes: int, image_size: int,
@@ -74,10 +80,10 @@ def load_unet(path: str, channels: int, num_classes: int, image_size: int) -> UN
     unet = UNet2DModel.from_pretrained(folder)
     c = unet.config
     want = (channels, num_classes, image_size)
-    if (c.in_channels, c.num_class_embeds, c.sample_size) != want:
+    have = (c.in_channels, (c.num_class_embeds or 0) - 1, c.sample_size)
+    if have != want:
         raise ConfigError(f"diffusion-init {root}: UNet has (channels, classes, size) = "
-                          f"{(c.in_channels, c.num_class_embeds, c.sample_size)}, the data "
-                          f"needs {want}")
+                          f"{have} (classes + 1 null class embeddings), the data needs {want}")
     return unet
 
 

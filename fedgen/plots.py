@@ -27,23 +27,22 @@ def accuracy_curves(arms: dict, path: Path) -> None:
 
 
 def samples_grid(images: np.ndarray, labels: np.ndarray, classes: tuple[str, ...],
-                 path: Path, per_class: int = 10) -> None:
-    """Rows = classes, columns = the first ``per_class`` samples of that class."""
-    rows = len(classes)
-    fig, axes = plt.subplots(rows, per_class, figsize=(per_class * 0.8, rows * 0.8),
-                             squeeze=False)
-    for c in range(rows):
-        picks = np.flatnonzero(labels == c)[:per_class]
-        for j in range(per_class):
-            ax = axes[c, j]
-            ax.axis("off")
-            if j < len(picks):
-                img = images[picks[j]].transpose(1, 2, 0)
-                ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray",
-                          vmin=0, vmax=255)
-        axes[c, 0].text(-0.3, 0.5, classes[c], transform=axes[c, 0].transAxes,
-                        ha="right", va="center", fontsize=8)
-    fig.suptitle("Synthetic samples per class (global DDPM)")
+                 path: Path, per_class: int = 10, title: str = "") -> None:
+    """Rows = classes, columns = the first ``per_class`` samples of that class: one
+    mosaic, drawn once (cheap enough to write every diffusion round)."""
+    n, c, h, w = images.shape if len(images) else (0, 1, 8, 8)
+    pad = 1
+    mosaic = np.full((len(classes) * (h + pad), per_class * (w + pad), c), 255, np.uint8)
+    for k in range(len(classes)):
+        for j, i in enumerate(np.flatnonzero(labels == k)[:per_class]):
+            y, x = k * (h + pad), j * (w + pad)
+            mosaic[y:y + h, x:x + w] = images[i].transpose(1, 2, 0)
+    fig, ax = plt.subplots(figsize=(max(3.0, per_class * 0.5), max(3.0, len(classes) * 0.5)))
+    ax.imshow(mosaic.squeeze(-1) if c == 1 else mosaic, cmap="gray", vmin=0, vmax=255,
+              interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([k * (h + pad) + h / 2 for k in range(len(classes))], classes, fontsize=7)
+    ax.set_title(title or "Synthetic samples per class (global DDPM)", fontsize=9)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 

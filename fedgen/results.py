@@ -95,11 +95,12 @@ class Recorder:
         self.save()
 
     def set_generation(self, counts: np.ndarray, labels: np.ndarray, images: np.ndarray,
-                       fidelity: float, per_class: list[float], seconds: float) -> None:
+                       fidelity: float, per_class: list[float], seconds: float,
+                       frechet_distance: float | None = None) -> None:
         self.results["generation"] = {
             "counts": counts.tolist(), "total": int(counts.sum()),
             "fidelity": fidelity, "per_class_fidelity": per_class,
-            "seconds": round(seconds, 3)}
+            "frechet_distance": frechet_distance, "seconds": round(seconds, 3)}
         self._samples = (images, labels)
         plots.samples_grid(images, labels, self.classes, self.out / "samples.png")
         self.save()
@@ -111,6 +112,7 @@ class Recorder:
     def log_diffusion_round(self, rnd: int, train: dict) -> None:
         hist = self.results.setdefault("diffusion", {"history": []})["history"]
         hist.append({"round": rnd, "train_loss": train.get("loss"),
+                     "grid_fidelity": train.get("fidelity"),
                      "seconds": round(time.perf_counter() - self._round_start, 3),
                      "client_seconds": round(train.get("client_seconds", 0.0), 3)})
 

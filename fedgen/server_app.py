@@ -13,7 +13,7 @@ from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 from fedgen import logs
 from fedgen.config import ConfigError, RunConfig
 from fedgen.data import ImageData, load_data
-from fedgen.methods import METHODS
+from fedgen.methods import method_for
 from fedgen.results import Recorder
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def build_strategy(cfg: RunConfig):
     cfg = cfg.replace(out_dir=str(out))
     data = load_data(cfg)
     check_server_data(cfg, data)
-    strategy = METHODS[cfg.method].strategy(cfg, data, Recorder(out, cfg, data.classes))
+    strategy = method_for(cfg).strategy(cfg, data, Recorder(out, cfg, data.classes))
     log.info("%s: %d rounds (%s); outputs in %s", cfg.method, strategy.num_rounds,
              ", ".join(f"{p.name}x{p.rounds}" for p in strategy.phases), out)
     return strategy

@@ -1,4 +1,5 @@
-"""``run_simulation.py``: validate everything, run Flower's Ray simulation, print the table.
+"""``run_simulation.py``: validate everything, run Flower's Ray simulation (or, with
+``--backend inprocess``, Flower's Server loop with in-process clients), print the table.
 
 Every user mistake (unknown key, bad value, missing file or data, an output folder that
 already holds results) is reported in one line with exit code 2 before Ray starts.
@@ -17,7 +18,7 @@ from pathlib import Path
 from fedgen import logs
 from fedgen.config import ConfigError, RunConfig, load_config
 from fedgen.data import load_data
-from fedgen.methods import METHODS
+from fedgen.methods import method_for
 from fedgen.partition import partition
 from fedgen.server_app import check_server_data, default_out_dir, make_server_app
 
@@ -34,6 +35,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
                    help="override one config key (repeatable)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: a new folder under outputs/)")
+    p.add_argument("--backend", choices=("ray", "inprocess"), default="ray",
+                   help="ray: Flower's simulation engine, one actor per CPU (default); "
+                        "inprocess: the clients run one after another in this process "
+                        "(no Ray start-up; see fedgen/inprocess.py)")
     p.add_argument("--verbose", action="store_true", help="also show Flower's own round logs")
     return p.parse_args(argv)
 
@@ -41,6 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def prepare(args: argparse.Namespace) -> RunConfig:
     """Parse and check the config, the data, the partition and the output folder."""
     cfg = load_config(args.config, args.overrides)
+    method_for(cfg)  # an unknown method fails here, before any work
     if args.out:
         cfg = cfg.replace(out_dir=args.out)
     if not cfg.out_dir:
@@ -64,17 +70,21 @@ def prepare(args: argparse.Namespace) -> RunConfig:
     return cfg.replace(out_dir=str(out))
 
 
-def simulate(cfg: RunConfig, verbose: bool = False) -> dict:
-    """Run the method's ServerApp and ClientApp in Flower's Ray simulation."""
+def simulate(cfg: RunConfig, verbose: bool = False, backend: str = "ray") -> dict:
+    """Run the method's ServerApp and ClientApp in Flower's Ray simulation, or its
+    strategy and clients in this process (``backend="inprocess"``)."""
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.setLevel(logging.INFO if verbose else logging.WARNING)
+    # run_simulation / Server are the in-process entry points on purpose; their notices
+    # are noise here.
+    flwr_log.addFilter(lambda record: "DEPRECATED FEATURE" not in record.getMessage())
+    if backend == "inprocess":
+        return simulate_in_process(cfg)
     import torch
     from flwr.simulation import run_simulation
 
     from fedgen.client_app import make_client_app
 
-    flwr_log = logging.getLogger("flwr")
-    flwr_log.setLevel(logging.INFO if verbose else logging.WARNING)
-    # run_simulation is the in-process entry point on purpose; its notice is noise here.
-    flwr_log.addFilter(lambda record: "DEPRECATED FEATURE" not in record.getMessage())
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     gpus = 0.5 if torch.cuda.is_available() else 0.0
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": gpus},
@@ -85,6 +95,18 @@ def simulate(cfg: RunConfig, verbose: bool = False) -> dict:
     if not path.is_file():
         raise RuntimeError(f"the run wrote no {path}; see the log above")
     return json.loads(path.read_text())
+
+
+def simulate_in_process(cfg: RunConfig) -> dict:
+    from fedgen.inprocess import InProcessProxy, run_in_process
+    from fedgen.server_app import build_strategy
+
+    strategy = build_strategy(cfg)
+    handlers = method_for(cfg).clients
+    proxies = [InProcessProxy(f"partition-{p}", cfg, p, handlers)
+               for p in range(cfg.num_clients)]
+    run_in_process(strategy, proxies, round_timeout=cfg.round_timeout or None)
+    return json.loads((Path(cfg.out_dir) / "results.json").read_text())
 
 
 def format_table(results: dict) -> str:
@@ -109,9 +131,11 @@ def format_table(results: dict) -> str:
                     f"(see failures in results.json)")
     gen = results.get("generation") or {}
     if gen:
-        fid = gen.get("fidelity")
+        fid, fd = gen.get("fidelity"), gen.get("frechet_distance")
         rows.append(f"\nsynthetic samples: {gen['total']}, fidelity "
-                    f"{'n/a' if fid is None else f'{100 * fid:.1f}%'} (reference classifier)")
+                    f"{'n/a' if fid is None else f'{100 * fid:.1f}%'} (reference classifier), "
+                    f"Fréchet distance {'n/a' if fd is None else f'{fd:.2f}'} "
+                    f"(reference network)")
     return "\n".join(rows)
 
 
@@ -124,10 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     log.info("method %s (%s), arms %s, %s with %d clients, alpha=%g, seed %d",
-             cfg.method, METHODS[cfg.method].summary, cfg.arms, cfg.dataset,
+             cfg.method, method_for(cfg).summary, cfg.arms, cfg.dataset,
              cfg.num_clients, cfg.alpha, cfg.seed)
     t0 = time.perf_counter()
-    results = simulate(cfg, verbose=args.verbose)
+    results = simulate(cfg, verbose=args.verbose, backend=args.backend)
     print(format_table(results))
     print(f"\ntotal time {time.perf_counter() - t0:.0f} s; results in {cfg.out_dir}")
     return 0

@@ -16,12 +16,14 @@ from diffusers import DDPMPipeline, UNet2DModel
 from flwr.common import Parameters, ndarrays_to_parameters
 from flwr.server.client_proxy import ClientProxy
 
+from fedgen import plots
 from fedgen.balancing import fill_to_max
 from fedgen.diffusion import sample
-from fedgen.fidelity import ReferenceClassifier
+from fedgen.fidelity import FeatureNet, ReferenceClassifier, frechet_distance
 from fedgen.models import (build_sampler, build_scheduler, build_unet, get_weights,
                            set_weights, unet_shell)
 from fedgen.seeds import derive_seed
+from fedgen.server_opt import ServerOptimizer, ema_update
 from strategies.phased import EMPTY, Aggregated, Phase, PhasedFedAvg, Results
 
 log = logging.getLogger(__name__)
@@ -34,17 +36,26 @@ class FedDiffAug(PhasedFedAvg):
 
     Hooks a researcher overrides: :meth:`deficit_plan` (which classes get how many
     samples), :meth:`generate` (how they are produced), :meth:`aggregate_diffusion` (how
-    UNet weights are combined).
+    UNet weights are combined; by default the clients' average, passed through the
+    ``diffusion-server-opt`` update and tracked by an ``ema-decay`` EMA for sampling).
     """
+
+    GRID_PER_CLASS = 10  # samples per class in the per-round grid (samples-every)
 
     supported_arms = ("real", "oversample", "noise", "diffusion")
     generative_arm = "diffusion"
 
     def __init__(self, *args, **kwargs):
-        self.unet_weights: list[np.ndarray] | None = None
+        self.unet_weights: list[np.ndarray] | None = None   # the global UNet
+        self.ema_weights: list[np.ndarray] | None = None    # its EMA (ema-decay > 0)
         self.synthetic: dict[int, Batch] = {}
         super().__init__(*args, **kwargs)
         self.scheduler = build_scheduler(self.cfg)
+        self.server_opt = ServerOptimizer(self.cfg.diffusion_server_opt,
+                                          self.cfg.diffusion_server_lr,
+                                          self.cfg.diffusion_server_momentum)
+        self._reference: ReferenceClassifier | None = None
+        self._feature_net: FeatureNet | None = None
 
     def plan(self) -> list[Phase]:
         if self.generative_arm not in self.arms:
@@ -63,8 +74,8 @@ class FedDiffAug(PhasedFedAvg):
     def start_phase(self, phase: Phase):
         start = super().start_phase(phase)
         if phase.kind == "diffusion":
-            unet = self.build_unet()
-            return get_weights(unet)
+            self.unet_weights = get_weights(self.build_unet())
+            return self.unet_weights
         if phase.kind == "generation":
             if self.unet_weights is None:  # diffusion-rounds = 0: use diffusion-init as is
                 self.unet_weights = get_weights(self.build_unet())
@@ -76,7 +87,8 @@ class FedDiffAug(PhasedFedAvg):
         if phase.kind == "diffusion":
             config.update({"epochs": self.cfg.diffusion_epochs,
                            "batch-size": self.cfg.diffusion_batch_size,
-                           "lr": self.cfg.diffusion_lr})
+                           "lr": self.cfg.diffusion_lr, "cfg-dropout": self.cfg.cfg_dropout,
+                           "proximal-mu": self.cfg.diffusion_proximal_mu})
         return config
 
     def payload_for(self, phase: Phase, client: ClientProxy, parameters: Parameters):
@@ -91,12 +103,20 @@ class FedDiffAug(PhasedFedAvg):
 
     # ---------------------------------------------------------------- hooks
     def aggregate_diffusion(self, phase: Phase, rnd: int, results: Results) -> Aggregated:
-        """Average the clients' UNets: sample-weighted, or uniform (the original's compat)."""
+        """The clients' UNets averaged (sample-weighted, or uniform: the original's compat),
+        then the server update (``diffusion-server-opt``) and the EMA (``ema-decay``)."""
         uniform = self.cfg.diffusion_aggregation == "uniform"
-        self.unet_weights = self.aggregate_weights(results, uniform=uniform)
+        average = self.aggregate_weights(results, uniform=uniform)
+        self.unet_weights = self.server_opt.step(self.unet_weights, average)
+        if self.cfg.ema_decay > 0:
+            self.ema_weights = ema_update(self.ema_weights, self.unet_weights,
+                                          self.cfg.ema_decay)
         loss = self._train_metrics.get("loss", float("nan"))
-        self.recorder.log_diffusion_round(rnd, self._train_metrics)
-        log.info("[diffusion] round %d/%d  denoising loss %.4f", rnd, phase.rounds, loss)
+        quality = self.sample_grid(rnd, last=rnd == phase.rounds)
+        self.recorder.log_diffusion_round(rnd, {**self._train_metrics, **quality})
+        log.info("[diffusion] round %d/%d  denoising loss %.4f%s", rnd, phase.rounds, loss,
+                 f"  grid fidelity {100 * quality['fidelity']:.1f}%"
+                 if quality.get("fidelity") is not None else "")
         if rnd == phase.rounds:
             self.save_unet()
         return ndarrays_to_parameters(self.unet_weights), self._train_metrics
@@ -118,7 +138,8 @@ class FedDiffAug(PhasedFedAvg):
         unet = self.global_unet()
         images = sample(unet, build_sampler(self.cfg.sampler, self.scheduler), all_labels,
                         steps=self.cfg.sampling_steps, seed=derive_seed(self.cfg.seed, "generate"),
-                        device=self.device, batch_size=self.cfg.generation_batch_size)
+                        device=self.device, batch_size=self.cfg.generation_batch_size,
+                        guidance_scale=self.cfg.guidance_scale)
         cuts = np.cumsum([len(x) for x in labels])[:-1]
         batches = {p: (im, lab.astype(np.int64)) for p, im, lab in
                    zip(pids, np.split(images, cuts), labels)}
@@ -131,27 +152,66 @@ class FedDiffAug(PhasedFedAvg):
                           self.data.image_size, seed=derive_seed(self.cfg.seed, "unet-init"))
 
     def global_unet(self) -> UNet2DModel:
-        """A UNet holding the current global weights."""
+        """A UNet holding the weights sampling uses: the EMA when ``ema-decay`` > 0, else
+        the current global weights."""
         unet = unet_shell(self.cfg, self.data.channels, self.data.num_classes,
                           self.data.image_size)
-        set_weights(unet, self.unet_weights)
+        set_weights(unet, self.ema_weights if self.ema_weights is not None
+                    else self.unet_weights)
         return unet
 
+    def reference(self) -> ReferenceClassifier | None:
+        """The fidelity oracle, fitted once on the server's real images (None without)."""
+        if self._reference is None and len(self.data.train_y):
+            self._reference = ReferenceClassifier(self.data.train_x, self.data.train_y,
+                                                  seed=self.cfg.seed)
+        return self._reference
+
+    def sample_grid(self, rnd: int, last: bool) -> dict:
+        """Every ``samples-every`` rounds and after the last: GRID_PER_CLASS samples per
+        class from the current sampling weights (one fixed seed, so rounds compare) to
+        ``samples/round-NNN.png``, and their fidelity."""
+        every = self.cfg.samples_every
+        if not every or (rnd % every and not last):
+            return {}
+        labels = np.repeat(np.arange(self.data.num_classes), self.GRID_PER_CLASS)
+        images = sample(self.global_unet(), build_sampler(self.cfg.sampler, self.scheduler),
+                        labels, steps=self.cfg.sampling_steps, progress=False,
+                        seed=derive_seed(self.cfg.seed, "grid"), device=self.device,
+                        guidance_scale=self.cfg.guidance_scale)
+        folder = self.recorder.out / "samples"
+        folder.mkdir(exist_ok=True)
+        plots.samples_grid(images, labels, self.data.classes, folder / f"round-{rnd:03d}.png",
+                           per_class=self.GRID_PER_CLASS, title=f"global DDPM, diffusion round {rnd}")
+        ref = self.reference()
+        return {"fidelity": ref.accuracy(images, labels) if ref else None}
+
     def record_generation(self, plan, images, labels, seconds: float) -> None:
-        """Counts per node, samples, and fidelity (None where the server holds no images
-        to fit its reference classifier on)."""
-        fidelity, per_class = None, [None] * self.data.num_classes
-        if len(self.data.train_y):
-            ref = ReferenceClassifier(self.data.train_x, self.data.train_y, seed=self.cfg.seed)
+        """Counts per node, samples, fidelity (overall and per class) and the Fréchet
+        distance to the real training images (None where the server holds no images)."""
+        fidelity, per_class, fid = None, [None] * self.data.num_classes, None
+        ref = self.reference()
+        if ref is not None:
             fidelity = ref.accuracy(images, labels)
             per_class = [ref.accuracy(images[labels == c], labels[labels == c])
                          for c in range(self.data.num_classes)]
+            fid = self.frechet_distance(images)
         none = np.zeros(self.data.num_classes, np.int64)
         counts = np.stack([plan.get(k, none) for k in self.roster.keys]) if plan \
             else np.zeros((0, self.data.num_classes), np.int64)
-        self.recorder.set_generation(counts, labels, images, fidelity, per_class, seconds)
-        log.info("generation: %d samples in %.1f s, fidelity %s (reference classifier)",
-                 len(labels), seconds, "n/a" if fidelity is None else f"{100 * fidelity:.1f}%")
+        self.recorder.set_generation(counts, labels, images, fidelity, per_class, seconds,
+                                     frechet_distance=fid)
+        log.info("generation: %d samples in %.1f s, fidelity %s, Fréchet distance %s",
+                 len(labels), seconds, "n/a" if fidelity is None else f"{100 * fidelity:.1f}%",
+                 "n/a" if fid is None or np.isnan(fid) else f"{fid:.2f}")
+
+    def frechet_distance(self, images: np.ndarray) -> float:
+        """FID between the server's real training images and ``images`` on the features
+        of a reference network trained on the former (:class:`fedgen.fidelity.FeatureNet`)."""
+        if self._feature_net is None:
+            self._feature_net = FeatureNet.fit(self.data.train_x, self.data.train_y,
+                                               self.data.num_classes, seed=self.cfg.seed)
+        return frechet_distance(self._feature_net, self.data.train_x, images)
 
     def save_unet(self) -> None:
         """The global DDPM, loadable by stock diffusers (``DDPMPipeline.from_pretrained``)."""

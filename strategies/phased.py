@@ -247,8 +247,10 @@ class PhasedFedAvg(FedAvg):
         if phase.kind == "classify":
             config.update({"epochs": self.cfg.local_epochs, "batch-size": self.cfg.batch_size,
                            "lr": self.cfg.lr})
-        # clients mix in their partition id (clients.local.LocalData.seed)
-        config["seed"] = derive_seed(self.cfg.seed, phase.name, server_round)
+        # Keyed to (seed, phase, round WITHIN the phase); clients mix in their partition
+        # id (clients.local.LocalData.seed). Not the server round: an arm then trains
+        # identically whichever phases ran before it, so methods compare on equal terms.
+        config["seed"] = derive_seed(self.cfg.seed, phase.name, rnd)
         return config
 
     def select_clients(self, phase: Phase, server_round: int,
@@ -265,7 +267,8 @@ class PhasedFedAvg(FedAvg):
         if phase.all_clients or self.cfg.fraction_fit >= 1.0:
             return clients
         n = max(1, round(self.cfg.fraction_fit * len(clients)))
-        rng = np.random.default_rng(derive_seed(self.cfg.seed, "sample", server_round))
+        rng = np.random.default_rng(derive_seed(self.cfg.seed, "sample", phase.name,
+                                                self.locate(server_round)[1]))
         return [clients[i] for i in sorted(rng.choice(len(clients), size=n, replace=False))]
 
     def wait_for_nodes(self, client_manager: ClientManager) -> None:

@@ -6,13 +6,10 @@ import logging
 from pathlib import Path
 
 import pytest
-from flwr.common import (Code, FitRes, GetParametersRes, GetPropertiesRes,
-                         Status)
-from flwr.server import Server
-from flwr.server.client_manager import SimpleClientManager
+from flwr.common import FitRes
 from flwr.server.client_proxy import ClientProxy
 
-from clients import LocalData, PhaseRouter
+import fedgen.inprocess
 from fedgen.config import RunConfig
 from fedgen.methods import METHODS
 from fedgen.server_app import build_strategy
@@ -30,51 +27,31 @@ def tiny_config(tmp_path: Path, **changes) -> RunConfig:
     return RunConfig(**values)
 
 
-class InProcessProxy(ClientProxy):
-    """A ClientProxy that calls a client directly: the real Flower Server loop, no Ray."""
+class InProcessProxy(fedgen.inprocess.InProcessProxy):
+    """The in-process proxy of ``run_simulation.py --backend inprocess``, keeping every
+    message it carried (``received``) for the tests to inspect."""
 
     def __init__(self, cid: str, cfg: RunConfig, node: int | dict):
-        """``node``: a partition id, or a whole node config (loaded at the first round,
-        as a SuperNode does)."""
-        super().__init__(cid)
-        if isinstance(node, int):
-            local = LocalData.from_node(cfg, {"partition-id": node,
-                                              "num-partitions": cfg.num_clients}, run_id=0)
-        else:
-            def local(classes, node_config=dict(node)):
-                return LocalData.from_node(cfg, node_config, 0, classes)
-        self.client = PhaseRouter(local, METHODS[cfg.method].clients)
+        super().__init__(cid, cfg, node, METHODS[cfg.method].clients)
         self.received: list = []
 
     def fit(self, ins, timeout, group_id) -> FitRes:
         self.received.append(ins)
-        return self.client.fit(ins)
-
-    def get_properties(self, ins, timeout, group_id):
-        return GetPropertiesRes(Status(Code.OK, ""), {})
-
-    def get_parameters(self, ins, timeout, group_id):
-        return GetParametersRes(Status(Code.OK, ""), None)
+        return super().fit(ins, timeout, group_id)
 
     def evaluate(self, ins, timeout, group_id):
         self.received.append(ins)
-        return self.client.evaluate(ins)
-
-    def reconnect(self, ins, timeout, group_id):
-        return None
+        return super().evaluate(ins, timeout, group_id)
 
 
 def run_in_process(cfg: RunConfig, nodes: list | None = None):
     """Run a whole method through flwr.server.Server with in-process clients: one per
     partition, or one per entry of ``nodes`` (partition ids, node configs or proxies)."""
     strategy = build_strategy(cfg)
-    manager = SimpleClientManager()
     nodes = list(range(cfg.num_clients)) if nodes is None else nodes
     proxies = [n if isinstance(n, ClientProxy) else InProcessProxy(f"node-{k}", cfg, n)
                for k, n in enumerate(nodes)]
-    for proxy in proxies:
-        manager.register(proxy)
-    Server(client_manager=manager, strategy=strategy).fit(strategy.num_rounds, timeout=None)
+    fedgen.inprocess.run_in_process(strategy, proxies)
     return strategy, proxies
 
 

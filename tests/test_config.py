@@ -5,7 +5,7 @@ import pytest
 from conftest import ROOT
 from fedgen.config import ARMS, DATASETS, SAMPLERS, ConfigError, RunConfig, load_config
 from fedgen.data import LOADERS
-from fedgen.methods import METHODS
+from fedgen.methods import METHODS, method_for
 from fedgen.models import SAMPLER_CLASSES
 from clients import TRAINING_SETS
 
@@ -52,18 +52,30 @@ def test_overrides_are_typed():
     ("num-clients=0", ["num-clients must be >= 1"]),
     ("num-clients=2.5", ["num-clients: expected int"]),
     ("dataset=mnist", ["dataset: unknown value 'mnist'", "digits", "cifar10"]),
-    ("method=fedgen", ["method: unknown value 'fedgen'", "fed-diff-aug", "fedavg"]),
     ("arms=real,gan", ["arms: unknown value 'gan'", "oversample"]),
     ("sampler=euler", ["sampler: unknown value 'euler'", "ddim"]),
     ("unet-channels=16,x", ["unet-channels"]),
     ("unet-channels=12,32", ["not divisible by unet-norm-groups"]),
     ("dataset=cifar10", ["data-dir"]),
+    ("cfg-dropout=0", ["guidance-scale=3 needs cfg-dropout > 0"]),
+    ("diffusion-server-opt=sgd", ["diffusion-server-opt: unknown value 'sgd'", "fedadam"]),
+    ("ema-decay=1", ["ema-decay must be <= 0.999"]),
 ])
 def test_bad_values_name_the_culprit(pair, words):
     with pytest.raises(ConfigError) as err:
         load_config(None, [pair])
     for word in words:
         assert word in str(err.value)
+
+
+def test_the_registry_checks_the_method_name():
+    """config.py knows no registry (no import circle); the registry names the choices."""
+    cfg = load_config(None, ["method=fedgen"])
+    with pytest.raises(ConfigError) as err:
+        method_for(cfg)
+    assert "method: unknown value 'fedgen'" in str(err.value)
+    assert "fed-diff-aug" in str(err.value) and "fedavg" in str(err.value)
+    assert method_for(load_config(None, ["method=fedavg"])) is METHODS["fedavg"]
 
 
 def test_missing_preset_and_bad_preset(tmp_path):

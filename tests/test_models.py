@@ -114,7 +114,7 @@ def test_saved_ddpm_loads_in_stock_diffusers(tmp_path):
     DDPMPipeline(unet=unet, scheduler=build_scheduler(TINY)).save_pretrained(tmp_path)
     loaded = UNet2DModel.from_pretrained(tmp_path, subfolder="unet")
     pipe = DDPMPipeline.from_pretrained(tmp_path)
-    assert loaded.config.num_class_embeds == 10
+    assert loaded.config.num_class_embeds == 11  # 10 classes + the null class
     assert pipe.scheduler.config.beta_end == TINY.beta_end
     x, t = torch.randn(1, 1, 8, 8), torch.tensor([3])
     y = torch.tensor([2])

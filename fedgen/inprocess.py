@@ -1,0 +1,67 @@
+"""An in-process federation: Flower's ``Server`` loop calls every node's client directly.
+
+No Ray: nothing to start (Ray's start-up is ~13 s of a short run on a 2-core machine) and
+no actor transfers, for one machine where that is all overhead, for a machine without Ray
+(a lent GPU box), and for the tests. The strategy, the clients and every message
+(``FitIns``/``FitRes`` with serialised ``Parameters``) are the very ones of the Ray
+simulation and of a deployment; only the transport differs. ``run_simulation.py --backend
+inprocess`` selects it.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from flwr.client import NumPyClient
+from flwr.common import Code, GetParametersRes, GetPropertiesRes, Status
+from flwr.server import Server
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
+
+from clients import LocalData, PhaseRouter
+from fedgen.config import RunConfig
+
+
+class InProcessProxy(ClientProxy):
+    """A ClientProxy that calls a node's client (a :class:`clients.PhaseRouter`) directly."""
+
+    def __init__(self, cid: str, cfg: RunConfig, node: int | dict,
+                 handlers: Mapping[str, type[NumPyClient]] | None = None):
+        """``node``: a partition id, or a whole node config (loaded at the first round,
+        as a SuperNode does)."""
+        super().__init__(cid)
+        if handlers is None:
+            from fedgen.methods import method_for
+            handlers = method_for(cfg).clients
+        if isinstance(node, int):
+            local = LocalData.from_node(cfg, {"partition-id": node,
+                                              "num-partitions": cfg.num_clients}, run_id=0)
+        else:
+            def local(classes, node_config=dict(node)):
+                return LocalData.from_node(cfg, node_config, 0, classes)
+        self.client = PhaseRouter(local, handlers)
+
+    def fit(self, ins, timeout, group_id):
+        return self.client.fit(ins)
+
+    def evaluate(self, ins, timeout, group_id):
+        return self.client.evaluate(ins)
+
+    def get_properties(self, ins, timeout, group_id):
+        return GetPropertiesRes(Status(Code.OK, ""), {})
+
+    def get_parameters(self, ins, timeout, group_id):
+        return GetParametersRes(Status(Code.OK, ""), None)
+
+    def reconnect(self, ins, timeout, group_id):
+        return None
+
+
+def run_in_process(strategy, proxies: list[ClientProxy], round_timeout: float | None = None):
+    """Run ``strategy`` to its last round with ``proxies`` as the connected nodes."""
+    manager = SimpleClientManager()
+    for proxy in proxies:
+        manager.register(proxy)
+    Server(client_manager=manager, strategy=strategy).fit(strategy.num_rounds,
+                                                          timeout=round_timeout)
+    return strategy
