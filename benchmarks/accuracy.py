@@ -2,10 +2,14 @@
 """Accuracy study: the same comparison over several seeds (and settings), as a table.
 
 Each (setting, seed) is one ``run_simulation.py`` run in its own process and folder;
-runs whose folder already holds results.json are reused, so the study can be resumed.
+runs whose folder holds a completed results.json are reused, so the study can be resumed.
 
     python benchmarks/accuracy.py --seeds 0 1 2 --out outputs/study-alpha0.1
     python benchmarks/accuracy.py --seeds 0 1 2 --grid alpha=0.05,0.1,0.5 --out outputs/alpha
+    python benchmarks/accuracy.py --seeds 0 --row "plain: cfg-dropout=0 guidance-scale=1" \
+        --row "guidance: cfg-dropout=0.1 guidance-scale=3" --out outputs/ablation
+
+``--row`` names one setting of several keys (an ablation row); ``--grid`` crosses values.
 
 ``{seed}`` in a ``--set`` value is replaced by the run's seed, e.g. to reuse each seed's
 trained DDPM: ``--set diffusion-init=outputs/study/default/seed{seed}/ddpm``.
@@ -19,6 +23,7 @@ import json
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +42,23 @@ def parse_args(argv=None):
                    help="key=value passed to every run (repeatable; {seed} = the run's seed)")
     p.add_argument("--grid", action="append", default=[],
                    help="key=v1,v2,... : one setting per value (repeatable: cross product)")
+    p.add_argument("--row", action="append", default=[],
+                   help="'NAME: key=value key=value ...' : one named setting (repeatable)")
+    p.add_argument("--backend", choices=("ray", "inprocess"), default="ray",
+                   help="passed to run_simulation.py")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (default 1)")
     p.add_argument("--out", required=True, help="study folder")
     return p.parse_args(argv)
+
+
+def named_rows(rows: list[str]) -> dict[str, dict[str, str]]:
+    out = {}
+    for spec in rows:
+        name, sep, pairs = spec.partition(":")
+        if not sep or not name.strip():
+            raise SystemExit(f"--row expects 'NAME: key=value ...', got {spec!r}")
+        out[name.strip()] = dict(p.split("=", 1) for p in pairs.split())
+    return out
 
 
 def settings(grid: list[str]) -> list[dict[str, str]]:
@@ -49,10 +69,18 @@ def settings(grid: list[str]) -> list[dict[str, str]]:
     return [dict(combo) for combo in itertools.product(*axes)] or [{}]
 
 
+def completed(folder: Path) -> bool:
+    """A finished run (results.json is written from the first round on)."""
+    path = folder / "results.json"
+    return path.is_file() and json.loads(path.read_text()).get("status") == "completed"
+
+
 def run_one(args, setting: dict, seed: int, folder: Path) -> dict:
-    if not (folder / "results.json").is_file():
+    if not completed(folder):
+        if (folder / "results.json").is_file():   # an interrupted run: start it afresh
+            (folder / "results.json").unlink()
         cmd = [sys.executable, str(ROOT / "run_simulation.py"), "--out", str(folder),
-               "--set", f"seed={seed}"]
+               "--backend", args.backend, "--set", f"seed={seed}"]
         if args.config:
             cmd += ["--config", args.config]
         for pair in [*args.overrides, *(f"{k}={v}" for k, v in setting.items())]:
@@ -96,11 +124,21 @@ def plain_mean_std(values: list[float]) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
-    rows, t0 = {}, time.perf_counter()
-    for setting in settings(args.grid):
-        name = ",".join(f"{k}={v}" for k, v in setting.items()) or "default"
-        rows[name] = [run_one(args, setting, seed, out / name.replace("=", "") / f"seed{seed}")
-                      for seed in args.seeds]
+    t0 = time.perf_counter()
+    named = named_rows(args.row) or {
+        ",".join(f"{k}={v}" for k, v in s.items()) or "default": s for s in settings(args.grid)}
+    jobs = [(name, setting, seed) for name, setting in named.items() for seed in args.seeds]
+
+    def job(item):
+        name, setting, seed = item
+        folder = out / name.replace("=", "").replace(" ", "_") / f"seed{seed}"
+        return run_one(args, setting, seed, folder)
+
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        done = list(pool.map(job, jobs))
+    rows: dict[str, list[dict]] = {}
+    for (name, _, _), res in zip(jobs, done):
+        rows.setdefault(name, []).append(res)
     text = table(rows, "setting")
     (out / "table.md").write_text(text + "\n")
     finals = {name: {arm: (np.mean([r["arms"][arm]["final_accuracy"] for r in results]),

@@ -208,6 +208,8 @@ class FedDiffAug(PhasedFedAvg):
     def frechet_distance(self, images: np.ndarray) -> float:
         """FID between the server's real training images and ``images`` on the features
         of a reference network trained on the former (:class:`fedgen.fidelity.FeatureNet`)."""
+        if len(images) <= FeatureNet.num_features:   # too few for a covariance estimate
+            return float("nan")
         if self._feature_net is None:
             self._feature_net = FeatureNet.fit(self.data.train_x, self.data.train_y,
                                                self.data.num_classes, seed=self.cfg.seed)

@@ -52,3 +52,10 @@ def test_accuracy_grid_is_the_cross_product_in_order():
 def test_accuracy_mean_std_uses_sample_std():
     assert accuracy.mean_std([0.5, 0.7, 0.9]) == "70.0 ± 20.0"
     assert accuracy.mean_std([0.25]) == "25.0 ± 0.0"
+
+
+def test_accuracy_rows_are_named_settings():
+    rows = accuracy.named_rows(["plain: cfg-dropout=0 guidance-scale=1",
+                                "preset:", "w5: guidance-scale=5 unet-channels=8,16"])
+    assert rows == {"plain": {"cfg-dropout": "0", "guidance-scale": "1"}, "preset": {},
+                    "w5": {"guidance-scale": "5", "unet-channels": "8,16"}}

@@ -71,6 +71,19 @@ def test_smoke_preset_runs_through_the_ray_simulation(tmp_path):
     assert (out / "ddpm" / "unet" / "config.json").is_file()
 
 
+def test_inprocess_backend_runs_the_same_pipeline_without_ray(tmp_path):
+    out = tmp_path / "inproc"
+    proc = run_cli("--config", "configs/smoke.toml", "--backend", "inprocess", "--set",
+                   "arms=real,diffusion", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ClientAppActor" not in proc.stderr + proc.stdout   # no Ray workers
+    res = json.loads((out / "results.json").read_text())
+    assert res["status"] == "completed" and list(res["arms"]) == ["real", "diffusion"]
+    assert res["generation"]["frechet_distance"] > 0
+    assert (out / "samples" / "round-001.png").is_file()
+    assert "| diffusion |" in proc.stdout and "Fréchet distance" in proc.stdout
+
+
 def test_readme_custom_strategy_runs_through_ray(tmp_path):
     """A method registered in the user's script reaches the Ray workers."""
     readme = (ROOT / "README.md").read_text()
