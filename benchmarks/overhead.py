@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     row("start-up (Ray, actors, stats round / data)", "stats", plain["data"])
     row("diffusion", "diffusion", plain["diffusion"])
     row("classify", "classify:diffusion", plain["classify"])
-    print(f"| whole command (incl. imports) | "
+    print("| whole command (incl. imports) | "
           + " | ".join(f"{flower[b][1]:.1f}" for b in backends) + f" | {plain_wall:.1f} |")
     train_p = plain["diffusion"] + plain["classify"]
     for b in backends:
