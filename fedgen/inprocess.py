@@ -62,6 +62,10 @@ def run_in_process(strategy, proxies: list[ClientProxy], round_timeout: float | 
     manager = SimpleClientManager()
     for proxy in proxies:
         manager.register(proxy)
-    Server(client_manager=manager, strategy=strategy).fit(strategy.num_rounds,
-                                                          timeout=round_timeout)
+    server = Server(client_manager=manager, strategy=strategy)
+    # One client at a time: each uses all the cores through torch, and concurrent Python
+    # threads tripped a CPython 3.11 parser bug in one run ("AST constructor recursion
+    # depth mismatch", a client lost for a round); sequential order is also reproducible.
+    server.set_max_workers(1)
+    server.fit(strategy.num_rounds, timeout=round_timeout)
     return strategy
