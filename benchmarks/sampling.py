@@ -53,7 +53,7 @@ def get_unet(args, cfg: RunConfig, data):
     t0 = time.perf_counter()
     train_ddpm(unet, build_scheduler(cfg), data.train_x, data.train_y,
                epochs=args.train_epochs, batch_size=cfg.diffusion_batch_size,
-               lr=cfg.diffusion_lr, seed=0, device=device())
+               lr=cfg.diffusion_lr, seed=0, device=device(), cfg_dropout=cfg.cfg_dropout)
     print(f"trained the DDPM centrally: {args.train_epochs} epochs in "
           f"{time.perf_counter() - t0:.0f} s")
     return unet
@@ -63,7 +63,7 @@ def measure(unet, sampler_name, steps, labels, ref, cfg):
     sampler = build_sampler(sampler_name, build_scheduler(cfg))
     t0 = time.perf_counter()
     images = sample(unet, sampler, labels, steps=steps, seed=0, device=device(),
-                    batch_size=len(labels), progress=False)
+                    batch_size=len(labels), progress=False, guidance_scale=cfg.guidance_scale)
     seconds = time.perf_counter() - t0
     return len(labels) / seconds, ref.accuracy(images, labels)
 
@@ -86,7 +86,8 @@ def main(argv=None) -> int:
         for steps in args.steps:
             rows.append((name, steps, *measure(unet, name, steps, labels, ref, cfg)))
     base_speed, base_fid = rows[0][2], rows[0][3]
-    print(f"\n{len(labels)} class-conditional samples per row, device {device()}")
+    print(f"\n{len(labels)} class-conditional samples per row, guidance-scale "
+          f"{cfg.guidance_scale:g}, device {device()}")
     print("| sampler | steps | samples/s | fidelity (%) | speed-up |")
     print("|---|---|---|---|---|")
     for name, steps, speed, fid in rows:
