@@ -14,7 +14,8 @@ class DiffusionClient(NumPyClient):
     """Unpack the global UNet, run the local DDPM loop, pack the result.
 
     Fit config: ``epochs``, ``batch-size``, ``lr``, ``seed``, ``cfg-dropout`` (label
-    dropout to the null class) and ``proximal-mu`` (FedProx drift term; 0 = off).
+    dropout to the null class), ``proximal-mu`` (FedProx drift term; 0 = off) and
+    ``min-snr-gamma`` (loss weighting; 0 = off).
     """
 
     def __init__(self, local: LocalData):
@@ -35,5 +36,6 @@ class DiffusionClient(NumPyClient):
                            epochs=int(config["epochs"]), batch_size=int(config["batch-size"]),
                            lr=float(config["lr"]), seed=loc.seed(int(config["seed"])),
                            device=loc.device, loss_hooks=self.loss_hooks(unet, config),
-                           cfg_dropout=float(config.get("cfg-dropout", 0.0)))
+                           cfg_dropout=float(config.get("cfg-dropout", 0.0)),
+                           min_snr_gamma=float(config.get("min-snr-gamma", 0.0)))
         return get_weights(unet), len(loc.labels), stats

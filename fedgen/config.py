@@ -107,6 +107,10 @@ class RunConfig:
                                             low=0.0, high=0.999)
     diffusion_proximal_mu: float = knob(0.0, "FedProx drift term mu/2 ||w - w_global||^2 "
                                         "on the clients' DDPM loss (0 = off).", low=0.0)
+    min_snr_gamma: float = knob(0.0, "Min-SNR loss weighting (Hang et al. 2023): each "
+                                "timestep's denoising loss weighted min(SNR, gamma)/SNR, "
+                                "which down-weights the near-clean timesteps; 0 = off "
+                                "(uniform, Ho et al.'s L_simple), 5 in the paper.", low=0.0)
     cfg_dropout: float = knob(0.1, "Share of DDPM training labels replaced by the null class "
                               "(classifier-free guidance, Ho & Salimans 2022; 0 = always "
                               "conditioned).", low=0.0, high=0.9)

@@ -27,12 +27,13 @@ LossHook = Callable[[torch.nn.Module, dict], torch.Tensor]
 def train_ddpm(unet: UNet2DModel, scheduler: SchedulerMixin, images: np.ndarray,
                labels: np.ndarray, *, epochs: int, batch_size: int, lr: float, seed: int,
                device: torch.device, loss_hooks: Sequence[LossHook] = (),
-               cfg_dropout: float = 0.0) -> dict:
+               cfg_dropout: float = 0.0, min_snr_gamma: float = 0.0) -> dict:
     """Train ``unet`` in place with the epsilon-prediction loss; returns loss and steps.
 
     ``images`` are uint8 (N, C, H, W); ``labels`` int64 (N,). With ``cfg_dropout`` > 0 each
     label is replaced by the null class with that probability, so the same UNet also
     learns the unconditional score that classifier-free guidance needs (Ho & Salimans 2022).
+    With ``min_snr_gamma`` > 0 the per-sample loss is weighted by :func:`min_snr_weights`.
     """
     gen = torch.Generator().manual_seed(seed)
     x_all = to_float(images).to(device)
@@ -41,6 +42,7 @@ def train_ddpm(unet: UNet2DModel, scheduler: SchedulerMixin, images: np.ndarray,
     T = scheduler.config.num_train_timesteps
     unet.to(device).train()
     null = null_class(unet)
+    weights = min_snr_weights(scheduler, min_snr_gamma).to(device) if min_snr_gamma > 0 else None
     losses, steps = [], 0
     for _ in range(epochs):
         for idx in torch.randperm(len(x_all), generator=gen).split(batch_size):
@@ -52,7 +54,11 @@ def train_ddpm(unet: UNet2DModel, scheduler: SchedulerMixin, images: np.ndarray,
                 y = torch.where(drop, torch.full_like(y, null), y)
             noisy = scheduler.add_noise(clean, noise, t)  # q(x_t | x_0), Ho et al. eq. 4
             pred = unet(noisy, t, class_labels=y).sample
-            loss = torch.nn.functional.mse_loss(pred, noise)  # L_simple, Ho et al. eq. 14
+            if weights is None:
+                loss = torch.nn.functional.mse_loss(pred, noise)  # L_simple, Ho et al. eq. 14
+            else:
+                per_sample = (pred - noise).pow(2).flatten(1).mean(1)
+                loss = (weights[t] * per_sample).mean()
             batch = dict(clean=clean, noisy=noisy, timesteps=t, labels=y, noise=noise,
                          pred=pred)
             for hook in loss_hooks:
@@ -63,6 +69,15 @@ def train_ddpm(unet: UNet2DModel, scheduler: SchedulerMixin, images: np.ndarray,
             losses.append(loss.item())
             steps += 1
     return {"loss": float(np.mean(losses[-max(1, steps // max(epochs, 1)):])), "steps": steps}
+
+
+def min_snr_weights(scheduler: SchedulerMixin, gamma: float) -> torch.Tensor:
+    """Per-timestep loss weights min(SNR_t, gamma) / SNR_t for the epsilon loss, with
+    SNR_t = alpha_bar_t / (1 - alpha_bar_t) (Hang et al. 2023, "Efficient Diffusion Training
+    via Min-SNR Weighting Strategy", eq. 9 for epsilon prediction)."""
+    alpha_bar = scheduler.alphas_cumprod.double()
+    snr = alpha_bar / (1 - alpha_bar)
+    return (snr.clamp(max=gamma) / snr).float()
 
 
 @torch.no_grad()

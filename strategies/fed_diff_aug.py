@@ -88,7 +88,8 @@ class FedDiffAug(PhasedFedAvg):
             config.update({"epochs": self.cfg.diffusion_epochs,
                            "batch-size": self.cfg.diffusion_batch_size,
                            "lr": self.cfg.diffusion_lr, "cfg-dropout": self.cfg.cfg_dropout,
-                           "proximal-mu": self.cfg.diffusion_proximal_mu})
+                           "proximal-mu": self.cfg.diffusion_proximal_mu,
+                           "min-snr-gamma": self.cfg.min_snr_gamma})
         return config
 
     def payload_for(self, phase: Phase, client: ClientProxy, parameters: Parameters):

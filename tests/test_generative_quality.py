@@ -9,7 +9,7 @@ import torch
 
 from fedgen.config import RunConfig
 from fedgen.data import load_data
-from fedgen.diffusion import guided_eps, train_ddpm
+from fedgen.diffusion import guided_eps, min_snr_weights, train_ddpm
 from fedgen.fidelity import FeatureNet, frechet_distance
 from fedgen.losses import proximal
 from fedgen.models import build_scheduler, build_unet, null_class
@@ -61,6 +61,27 @@ def test_guidance_arithmetic_on_a_tiny_unet():
         torch.testing.assert_close(guided_eps(unet, x, t, y, 0.0), eps_u, atol=1e-5, rtol=0)
         torch.testing.assert_close(guided_eps(unet, x, t, y, 3.0),
                                    eps_u + 3.0 * (eps_c - eps_u), atol=1e-5, rtol=0)
+
+
+def test_min_snr_weights_and_the_weighted_loss():
+    sched = build_scheduler(TINY)
+    a = sched.alphas_cumprod.double()
+    snr = a / (1 - a)
+    w = min_snr_weights(sched, 5.0)
+    t_hi, t_lo = int((snr > 5).nonzero().max()), int((snr <= 5).nonzero().min())
+    assert t_lo == t_hi + 1                                  # SNR falls with t
+    assert w[t_hi].item() == pytest.approx(5.0 / snr[t_hi].item(), rel=1e-6)  # down-weighted
+    assert (w[t_lo:] == 1).all() and w[0].item() < 0.01      # t = 0: SNR ~ 1e4
+    # gamma above every SNR: all weights 1, the loss is L_simple and training is identical
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (64, 1, 8, 8), dtype=np.uint8), rng.integers(0, 10, 64)
+    kw = dict(epochs=1, batch_size=32, lr=1e-3, seed=1, device=CPU)
+    outs = []
+    for gamma in (0.0, 1e9, 5.0):
+        unet = build_unet(TINY, 1, 10, 8, seed=0)
+        outs.append(train_ddpm(unet, sched, images, labels, min_snr_gamma=gamma, **kw)["loss"])
+    assert outs[0] == pytest.approx(outs[1], rel=1e-6)
+    assert outs[2] < outs[0]                                 # weights <= 1
 
 
 def _arrays(*values):
