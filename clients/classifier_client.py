@@ -51,11 +51,17 @@ def with_noisy_copies(local: LocalData, arm: str) -> Arrays:
 def with_received(local: LocalData, arm: str) -> Arrays:
     """Real images plus the synthetic batch the server shipped for ``arm``."""
     extra = local.store.load(arm)
-    if extra is None:
-        log.warning("node %s has no synthetic batch for arm %r: training on real data",
-                    local.node, arm)
-        return real_only(local, arm)
+    if extra is None:   # the generation round stores a batch for every node, empty or not
+        raise MissingBatchError(
+            f"node {local.node} has no synthetic batch for arm {arm!r} in "
+            f"{local.store.root}: it missed that arm's generation round, or the folder was "
+            f"removed (a cache-dir shared by two runs at once?); not training on real data "
+            f"alone under the {arm!r} label")
     return _with_extra(local, extra)
+
+
+class MissingBatchError(RuntimeError):
+    """A node was asked to train an arm whose synthetic batch it does not hold."""
 
 
 # Arm -> the local training set it trains on. New generative arms reuse with_received.

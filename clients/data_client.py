@@ -22,8 +22,9 @@ class DataClient(NumPyClient):
 
     def fit(self, parameters, config):
         received = 0
-        if parameters:
-            images, labels = parameters
+        if config.get("phase") == "generation":   # keep the batch, an empty one too
+            images, labels = parameters if parameters else \
+                (self.local.images[:0], self.local.labels[:0])
             self.local.store.save(str(config["arm"]), images, labels)
             received = len(labels)
         metrics = {"histogram": json.dumps(self.local.histogram.tolist()),

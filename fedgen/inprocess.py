@@ -10,6 +10,7 @@ inprocess`` selects it.
 
 from __future__ import annotations
 
+import secrets
 from typing import Mapping
 
 from flwr.client import NumPyClient
@@ -26,19 +27,23 @@ class InProcessProxy(ClientProxy):
     """A ClientProxy that calls a node's client (a :class:`clients.PhaseRouter`) directly."""
 
     def __init__(self, cid: str, cfg: RunConfig, node: int | dict,
-                 handlers: Mapping[str, type[NumPyClient]] | None = None):
+                 handlers: Mapping[str, type[NumPyClient]] | None = None,
+                 run_id: int | None = None):
         """``node``: a partition id, or a whole node config (loaded at the first round,
-        as a SuperNode does)."""
+        as a SuperNode does). ``run_id`` names the clients' synthetic-batch cache folder
+        (when cache-dir is empty) as Flower's run id does; pass one per run: two runs at
+        once must not share it. None = a fresh random id."""
         super().__init__(cid)
         if handlers is None:
             from fedgen.methods import method_for
             handlers = method_for(cfg).clients
+        run_id = new_run_id() if run_id is None else run_id
         if isinstance(node, int):
             local = LocalData.from_node(cfg, {"partition-id": node,
-                                              "num-partitions": cfg.num_clients}, run_id=0)
+                                              "num-partitions": cfg.num_clients}, run_id)
         else:
             def local(classes, node_config=dict(node)):
-                return LocalData.from_node(cfg, node_config, 0, classes)
+                return LocalData.from_node(cfg, node_config, run_id, classes)
         self.client = PhaseRouter(local, handlers)
 
     def fit(self, ins, timeout, group_id):
@@ -55,6 +60,11 @@ class InProcessProxy(ClientProxy):
 
     def reconnect(self, ins, timeout, group_id):
         return None
+
+
+def new_run_id() -> int:
+    """A random 63-bit run id, like the ones Flower's SuperLink assigns."""
+    return secrets.randbits(63)
 
 
 def run_in_process(strategy, proxies: list[ClientProxy], round_timeout: float | None = None):

@@ -98,12 +98,13 @@ def simulate(cfg: RunConfig, verbose: bool = False, backend: str = "ray") -> dic
 
 
 def simulate_in_process(cfg: RunConfig) -> dict:
-    from fedgen.inprocess import InProcessProxy, run_in_process
+    from fedgen.inprocess import InProcessProxy, new_run_id, run_in_process
     from fedgen.server_app import build_strategy
 
     strategy = build_strategy(cfg)
     handlers = method_for(cfg).clients
-    proxies = [InProcessProxy(f"partition-{p}", cfg, p, handlers)
+    run_id = new_run_id()   # its own cache folder: runs side by side must not share one
+    proxies = [InProcessProxy(f"partition-{p}", cfg, p, handlers, run_id)
                for p in range(cfg.num_clients)]
     run_in_process(strategy, proxies, round_timeout=cfg.round_timeout or None)
     return json.loads((Path(cfg.out_dir) / "results.json").read_text())

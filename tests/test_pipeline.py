@@ -4,6 +4,7 @@ import json
 import re
 
 import numpy as np
+import pytest
 
 from conftest import ROOT, run_in_process, tiny_config
 from flwr.common import parameters_to_ndarrays
@@ -123,3 +124,24 @@ def test_augment_ratio_zero_ships_empty_batches(tmp_path):
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert res["generation"]["total"] == 0 and res["generation"]["fidelity"] is None
     assert res["arms"]["diffusion"]["train_samples_per_round"] == 1437
+
+
+def test_a_missing_synthetic_batch_is_an_error_not_real_only(tmp_path):
+    from clients.classifier_client import MissingBatchError, with_received
+    from clients.local import LocalData
+    cfg = tiny_config(tmp_path)
+    local = LocalData.from_node(cfg, {"partition-id": 0, "num-partitions": cfg.num_clients}, 1)
+    with pytest.raises(MissingBatchError, match="no synthetic batch for arm 'diffusion'"):
+        with_received(local, "diffusion")
+    local.store.save("diffusion", local.images[:0], local.labels[:0])   # an empty batch
+    assert len(with_received(local, "diffusion")[1]) == len(local.labels)
+
+
+def test_in_process_runs_side_by_side_use_their_own_cache_folders(tmp_path):
+    import fedgen.inprocess
+    cfg = tiny_config(tmp_path, cache_dir="")
+    one, two = (fedgen.inprocess.InProcessProxy("p0", cfg, 0) for _ in range(2))
+    same = fedgen.inprocess.InProcessProxy("p1", cfg, 1, run_id=7)
+    roots = [p.client.local.store.root for p in (one, two, same)]
+    assert roots[0] != roots[1]                    # two runs: two folders
+    assert roots[2].parent.name == "run-7" and roots[2].name == "partition-1"
