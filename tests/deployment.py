@@ -18,7 +18,8 @@ node config is the one the test asks for. The ``flwr`` CLI talks to it through a
 ``[superlink.NAME]`` entry in ``$FLWR_HOME/config.toml`` (``FLWR_HOME`` is temporary too).
 
 Every process is started in its own session (process group); ``stop()`` kills each group
-and every descendant it finds, and runs on ``__exit__`` whatever happened.
+and every descendant it finds, and runs on ``__exit__`` whatever happened. The site-side
+processes run at a lower priority than the SuperLink (see ``NODE_NICE``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ COMPOSE = DOCKER / "compose.yml"
 MAKE_CERTS = DOCKER / "make-certs.sh"
 LOOPBACK = "127.0.0.1"
 BINARIES = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr")
+# In compose every site is its own machine; here N sites' ClientApps share the SuperLink's
+# cores. Flower 1.41's SQLite state gives up on a write lock after 5 s (busy_timeout 5000),
+# and a SuperLink starved of CPU by the ClientApps' torch work held its lock that long on a
+# 2-core CI machine ("database is locked" -> the ServerApp's pull failed, the run failed).
+# So the site side (SuperNode, its SuperExec and the ClientApps they start) runs niced.
+NODE_NICE = 10
 
 
 class DeploymentError(RuntimeError):
@@ -134,12 +141,14 @@ def _kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
 class Proc:
     """One started command: its Popen, log file and role."""
 
-    def __init__(self, name: str, argv: list[str], log: Path, env: dict[str, str]):
+    def __init__(self, name: str, argv: list[str], log: Path, env: dict[str, str],
+                 nice: int = 0):
         self.name, self.argv, self.log = name, argv, log
         self._fh = open(log, "wb")
         self.popen = subprocess.Popen(argv, stdout=self._fh, stderr=subprocess.STDOUT,
                                       stdin=subprocess.DEVNULL, env=env,
-                                      start_new_session=True)
+                                      start_new_session=True,
+                                      preexec_fn=(lambda: os.nice(nice)) if nice else None)
 
     @property
     def alive(self) -> bool:
@@ -259,8 +268,8 @@ class Deployment:
         return name if name in self.services else f"{kind}-1"
 
     # ---------------------------------------------------------------- processes
-    def _start(self, name: str, argv: list[str]) -> Proc:
-        proc = Proc(name, argv, self.logs / f"{name}.log", self.env)
+    def _start(self, name: str, argv: list[str], nice: int = 0) -> Proc:
+        proc = Proc(name, argv, self.logs / f"{name}.log", self.env, nice)
         self.procs.append(proc)
         return proc
 
@@ -337,10 +346,10 @@ class Deployment:
                           node_config=self.node_configs[i] if i < self.num_nodes else {})
         if key is not None:
             argv[argv.index("--auth-supernode-private-key") + 1] = str(key)
-        node = self._start(f"supernode-{i + 1}", argv)
+        node = self._start(f"supernode-{i + 1}", argv, nice=NODE_NICE)
         execu = self._start(f"superexec-clientapp-{i + 1}",
                             self._argv(self._service("superexec-clientapp", i),
-                                       "flower-superexec", node=i))
+                                       "flower-superexec", node=i), nice=NODE_NICE)
         if i < len(self.nodes):
             self.nodes[i], self.node_execs[i] = node, execu
         else:
@@ -355,7 +364,7 @@ class Deployment:
         argv = self._argv(self._service("supernode", i), "flower-supernode", node=i,
                           port=free_port(), node_config=node_config or {})
         argv[argv.index("--auth-supernode-private-key") + 1] = str(key)
-        return self._start(f"unlisted-supernode-{len(self.procs)}", argv)
+        return self._start(f"unlisted-supernode-{len(self.procs)}", argv, nice=NODE_NICE)
 
     def supernodes(self) -> list[dict]:
         return self.flwr_json("supernode", "list", self.name)["nodes"]
