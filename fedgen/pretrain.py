@@ -39,7 +39,7 @@ from fedgen.fidelity import FeatureNet, ReferenceClassifier, frechet_distance
 from fedgen.models import build_sampler, build_scheduler, build_unet, device
 from fedgen.seeds import derive_seed
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("fedgen.pretrain")  # also under python -m (__name__ == "__main__")
 
 
 def check_out(out: Path) -> None:
