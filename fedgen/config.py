@@ -120,7 +120,8 @@ class RunConfig:
     ema_decay: float = knob(0.0, "Server-side EMA of the global UNet per diffusion round, "
                             "used for sampling (0 = off).", low=0.0, high=0.999)
     diffusion_init: str = knob("", "Folder saved by save_pretrained (UNet) to start from "
-                               "(federated fine-tuning); empty = random init.")
+                               "(federated fine-tuning; `python -m fedgen.pretrain` "
+                               "writes one); empty = random init.")
     unet_channels: str = knob("16,32", "Comma-separated block_out_channels of the UNet.")
     unet_layers_per_block: int = knob(1, "ResNet layers per UNet block.", low=1)
     unet_attention_levels: int = knob(0, "How many of the lowest-resolution UNet levels "
