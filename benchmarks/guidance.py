@@ -25,7 +25,7 @@ from fedgen.config import ConfigError, load_config  # noqa: E402
 from fedgen.data import load_data  # noqa: E402
 from fedgen.diffusion import sample  # noqa: E402
 from fedgen.fidelity import FeatureNet, ReferenceClassifier, frechet_distance  # noqa: E402
-from fedgen.models import build_sampler, build_scheduler, device  # noqa: E402
+from fedgen.models import build_sampler, build_scheduler, device, load_unet  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -40,11 +40,11 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         data = load_data(cfg)
+        # the loader runs use: both folder layouts, the shape checked against the data
+        unet = load_unet(args.ddpm, data.channels, data.num_classes, data.image_size)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from diffusers import UNet2DModel
-    unet = UNet2DModel.from_pretrained(args.ddpm, subfolder="unet")
     ref = ReferenceClassifier(data.train_x, data.train_y)
     net = FeatureNet.fit(data.train_x, data.train_y, data.num_classes, seed=cfg.seed)
     labels = np.repeat(np.arange(data.num_classes), args.per_class)
