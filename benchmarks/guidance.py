@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedgen.config import ConfigError, load_config  # noqa: E402
 from fedgen.data import load_data  # noqa: E402
 from fedgen.diffusion import sample  # noqa: E402
-from fedgen.fidelity import FeatureNet, ReferenceClassifier, frechet_distance  # noqa: E402
+from fedgen.fidelity import Judge  # noqa: E402
 from fedgen.models import build_sampler, build_scheduler, device, load_unet  # noqa: E402
 
 
@@ -45,8 +45,7 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    ref = ReferenceClassifier(data.train_x, data.train_y)
-    net = FeatureNet.fit(data.train_x, data.train_y, data.num_classes, seed=cfg.seed)
+    judge = Judge(data.train_x, data.train_y, data.num_classes, seed=cfg.seed)
     labels = np.repeat(np.arange(data.num_classes), args.per_class)
     print(f"{len(labels)} samples per row, DDIM, device {device()}")
     print("| steps | guidance | fidelity (%) | Fréchet dist. | seconds |")
@@ -58,8 +57,8 @@ def main(argv=None) -> int:
                             steps=steps, seed=1, device=device(), progress=False,
                             guidance_scale=w)
             seconds = time.perf_counter() - t0
-            print(f"| {steps} | {w:g} | {100 * ref.accuracy(images, labels):.1f} | "
-                  f"{frechet_distance(net, data.train_x, images):.1f} | {seconds:.1f} |",
+            print(f"| {steps} | {w:g} | {100 * judge.fidelity(images, labels):.1f} | "
+                  f"{judge.frechet(images):.1f} | {seconds:.1f} |",
                   flush=True)
     return 0
 

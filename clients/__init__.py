@@ -18,6 +18,7 @@ from clients.classifier_client import TRAINING_SETS, ClassifierClient
 from clients.data_client import DataClient
 from clients.diffusion_client import DiffusionClient
 from clients.local import LocalData, NodeConfigError, SyntheticStore
+from clients.sdedit_client import SDEditClient
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,7 @@ PHASE_CLIENTS: Mapping[str, type[NumPyClient]] = {
     "diffusion": DiffusionClient,
     "stats": DataClient,
     "generation": DataClient,
+    "sdedit": SDEditClient,   # the generation round under generation=sdedit
     "classify": ClassifierClient,
 }
 
@@ -92,4 +94,5 @@ class PhaseRouter(Client):
 
 
 __all__ = ["PHASE_CLIENTS", "TRAINING_SETS", "ClassifierClient", "DataClient",
-           "DiffusionClient", "LocalData", "NodeConfigError", "PhaseRouter", "SyntheticStore"]
+           "DiffusionClient", "LocalData", "NodeConfigError", "PhaseRouter", "SDEditClient",
+           "SyntheticStore"]

@@ -13,7 +13,8 @@ from fedgen.models import build_scheduler, get_weights, set_weights, unet_shell
 class DiffusionClient(NumPyClient):
     """Unpack the global UNet, run the local DDPM loop, pack the result.
 
-    Fit config: ``epochs``, ``batch-size``, ``lr``, ``seed``, ``cfg-dropout`` (label
+    Fit config: ``epochs`` (or ``steps``: that many optimiser steps, as FedDDPM's
+    local-DDPM phase asks), ``batch-size``, ``lr``, ``seed``, ``cfg-dropout`` (label
     dropout to the null class), ``proximal-mu`` (FedProx drift term; 0 = off) and
     ``min-snr-gamma`` (loss weighting; 0 = off).
     """
@@ -37,5 +38,6 @@ class DiffusionClient(NumPyClient):
                            lr=float(config["lr"]), seed=loc.seed(int(config["seed"])),
                            device=loc.device, loss_hooks=self.loss_hooks(unet, config),
                            cfg_dropout=float(config.get("cfg-dropout", 0.0)),
-                           min_snr_gamma=float(config.get("min-snr-gamma", 0.0)))
+                           min_snr_gamma=float(config.get("min-snr-gamma", 0.0)),
+                           max_steps=int(config.get("steps", 0)))
         return get_weights(unet), len(loc.labels), stats

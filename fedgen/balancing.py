@@ -39,3 +39,17 @@ def noise_fill(images: np.ndarray, labels: np.ndarray, deficits: np.ndarray, sig
     x, y = oversample(images, labels, deficits, rng)
     noisy = x.astype(np.float32) + rng.normal(0.0, sigma * 127.5, size=x.shape)
     return np.clip(np.rint(noisy), 0, 255).astype(np.uint8), y
+
+
+def proportional_counts(weights: np.ndarray, total: int) -> np.ndarray:
+    """``total`` split in proportion to ``weights`` (largest remainder: the parts are
+    integers, sum to ``total`` exactly, and a zero weight gets nothing)."""
+    w = np.asarray(weights, dtype=np.float64)
+    if total <= 0 or w.sum() <= 0:
+        return np.zeros(len(w), dtype=np.int64)
+    exact = total * w / w.sum()
+    counts = np.floor(exact).astype(np.int64)
+    rest = total - int(counts.sum())
+    order = np.argsort(-(exact - counts), kind="stable")   # ties: the lower index first
+    counts[order[:rest]] += 1
+    return counts

@@ -29,6 +29,7 @@ STEMS = ("cifar", "imagenet")
 NORMS = ("group", "batch")
 EVALUATIONS = ("server", "clients", "both")
 SERVER_OPTS = ("fedavg", "fedavgm", "fedadam")
+GENERATIONS = ("sample", "sdedit")
 
 
 class ConfigError(ValueError):
@@ -52,7 +53,8 @@ class RunConfig:
 
     # --- what to run
     method: str = knob("fed-diff-aug", "Algorithm from the registry METHODS in "
-                       "fedgen/methods.py (which checks the name): fed-diff-aug, fedavg.")
+                       "fedgen/methods.py (which checks the name): fed-diff-aug, fedavg, "
+                       "fedddpm, fedddpm-plus.")
     arms: str = knob("real,oversample,noise,diffusion",
                      "Comma-separated arms compared on one partition (methods.md A.6).",
                      choices=ARMS, many=True)
@@ -132,7 +134,39 @@ class RunConfig:
                               choices=BETA_SCHEDULES)
     beta_start: float = knob(1e-4, "First beta of the schedule.", low=0.0, low_open=True)
     beta_end: float = knob(0.02, "Last beta of the schedule.", low=0.0, low_open=True)
+    # --- FedDDPM / FedDDPM+ (methods.md C; constants the abstract does not give)
+    local_ddpm_steps: int = knob(300, "FedDDPM: optimiser steps of each client's local DDPM, "
+                                 "trained once before FL and uploaded once. Steps, not "
+                                 "epochs, so a 19-image client trains as long as a 500-image "
+                                 "one; 300 x 10 clients is about 1.7x the default diffusion "
+                                 "phase's client steps.", low=1)
+    aux_size: int = knob(1000, "FedDDPM: images in the auxiliary set D_aux the server samples "
+                         "from the local DDPMs, each client's share proportional to its "
+                         "size, its classes as in its histogram (1000: about 70 % of the "
+                         "default training set).", low=2)
+    aux_holdout: float = knob(0.2, "FedDDPM: share of D_aux held out (never trained on) to "
+                              "monitor the global DDPM's denoising loss; FedDDPM+ watches it "
+                              "for stalls.", low=0.0, high=0.9, low_open=True)
+    correction_steps: int = knob(50, "FedDDPM: server steps of the denoising loss on D_aux "
+                                 "per correction (50: about a quarter of the clients' "
+                                 "combined steps per default round, 1437 x 5 / 32).", low=1)
+    correction_lr: float = knob(1e-3, "FedDDPM: AdamW learning rate of the server "
+                                "correction (half diffusion-lr: it runs after every "
+                                "aggregation and should not overwrite the clients' average).",
+                                low=0.0, low_open=True)
+    stall_delta: float = knob(0.02, "FedDDPM+: a round stalls when the held-out D_aux loss "
+                              "improves by less than this relative amount.", low=0.0)
+    stall_patience: int = knob(2, "FedDDPM+: after this many stalled rounds in a row, one "
+                               "correction (then the count restarts).", low=1)
     # --- generation round
+    generation: str = knob("sample", "How the diffusion arm's batches are made: sample = the "
+                           "server samples the global DDPM class-conditionally and ships each "
+                           "client its batch; sdedit = each client noises its OWN images to "
+                           "sdedit-t and denoises them with the global DDPM, keeping labels "
+                           "(no image leaves a client; only classes it holds are filled).",
+                           choices=GENERATIONS)
+    sdedit_t: int = knob(200, "SDEdit: the timestep own images are noised to (the original "
+                         "used 199 of 1000); more = further from the source image.", low=1)
     sampler: str = knob("ddim", "Sampler built from the training scheduler's config.",
                         choices=SAMPLERS)
     sampling_steps: int = knob(5, "Denoising steps of the sampler (DDIM-5 beat DDIM-10 in "
@@ -210,6 +244,9 @@ class RunConfig:
         if self.unet_attention_levels > len(channels):
             raise ConfigError(f"unet-attention-levels: at most {len(channels)} (the number "
                               f"of UNet levels), got {self.unet_attention_levels}")
+        if self.sdedit_t >= self.num_train_timesteps:
+            raise ConfigError(f"sdedit-t ({self.sdedit_t}) must be below num-train-timesteps "
+                              f"({self.num_train_timesteps})")
         if self.beta_end <= self.beta_start:
             raise ConfigError(f"beta-end ({self.beta_end}) must exceed beta-start "
                               f"({self.beta_start})")

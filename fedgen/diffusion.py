@@ -7,6 +7,7 @@ configures every sampler, see :func:`fedgen.models.build_sampler`).
 from __future__ import annotations
 
 import logging
+import math
 from typing import Callable, Sequence
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 from diffusers import SchedulerMixin, UNet2DModel
 from tqdm.auto import tqdm
 
+from fedgen.balancing import oversample
 from fedgen.data import to_float, to_uint8
 from fedgen.models import null_class
 
@@ -27,8 +29,12 @@ LossHook = Callable[[torch.nn.Module, dict], torch.Tensor]
 def train_ddpm(unet: UNet2DModel, scheduler: SchedulerMixin, images: np.ndarray,
                labels: np.ndarray, *, epochs: int, batch_size: int, lr: float, seed: int,
                device: torch.device, loss_hooks: Sequence[LossHook] = (),
-               cfg_dropout: float = 0.0, min_snr_gamma: float = 0.0) -> dict:
+               cfg_dropout: float = 0.0, min_snr_gamma: float = 0.0,
+               max_steps: int = 0) -> dict:
     """Train ``unet`` in place with the epsilon-prediction loss; returns loss and steps.
+
+    ``max_steps`` > 0 trains exactly that many optimiser steps instead of ``epochs``
+    passes (epochs repeat as needed), so a small and a large data set get the same budget.
 
     ``images`` are uint8 (N, C, H, W); ``labels`` int64 (N,). With ``cfg_dropout`` > 0 each
     label is replaced by the null class with that probability, so the same UNet also
@@ -43,9 +49,13 @@ def train_ddpm(unet: UNet2DModel, scheduler: SchedulerMixin, images: np.ndarray,
     unet.to(device).train()
     null = null_class(unet)
     weights = min_snr_weights(scheduler, min_snr_gamma).to(device) if min_snr_gamma > 0 else None
+    if max_steps > 0:
+        epochs = math.ceil(max_steps / math.ceil(len(x_all) / batch_size))
     losses, steps = [], 0
     for _ in range(epochs):
         for idx in torch.randperm(len(x_all), generator=gen).split(batch_size):
+            if 0 < max_steps <= steps:
+                break
             clean, y = x_all[idx.to(device)], y_all[idx.to(device)]
             noise = torch.randn(clean.shape, generator=gen).to(device)
             t = torch.randint(0, T, (len(idx),), generator=gen).to(device)
@@ -69,6 +79,28 @@ def train_ddpm(unet: UNet2DModel, scheduler: SchedulerMixin, images: np.ndarray,
             losses.append(loss.item())
             steps += 1
     return {"loss": float(np.mean(losses[-max(1, steps // max(epochs, 1)):])), "steps": steps}
+
+
+@torch.no_grad()
+def denoising_loss(unet: UNet2DModel, scheduler: SchedulerMixin, images: np.ndarray,
+                   labels: np.ndarray, *, seed: int, device: torch.device,
+                   batch_size: int = 256) -> float:
+    """The conditional epsilon-MSE of ``unet`` on ``images`` with noise and timesteps fixed
+    by ``seed``: the same draw every call, so values compare across rounds (a held-out
+    loss for monitoring; nothing is trained)."""
+    gen = torch.Generator().manual_seed(seed)
+    T = scheduler.config.num_train_timesteps
+    unet.to(device).eval()
+    total, n = 0.0, 0
+    for start in range(0, len(labels), batch_size):
+        clean = to_float(images[start:start + batch_size]).to(device)
+        y = torch.as_tensor(labels[start:start + batch_size], dtype=torch.long).to(device)
+        noise = torch.randn(clean.shape, generator=gen).to(device)
+        t = torch.randint(0, T, (len(y),), generator=gen).to(device)
+        pred = unet(scheduler.add_noise(clean, noise, t), t, class_labels=y).sample
+        total += torch.nn.functional.mse_loss(pred, noise, reduction="sum").item()
+        n += noise.numel()
+    return total / max(n, 1)
 
 
 def min_snr_weights(scheduler: SchedulerMixin, gamma: float) -> torch.Tensor:
@@ -111,6 +143,48 @@ def sample(unet: UNet2DModel, sampler: SchedulerMixin, labels: np.ndarray, *, st
         out.append(to_uint8(x))
     bar.close()
     return np.concatenate(out)
+
+
+@torch.no_grad()
+def sdedit(unet: UNet2DModel, sampler: SchedulerMixin, images: np.ndarray,
+           labels: np.ndarray, *, t_start: int, steps: int, seed: int, device: torch.device,
+           batch_size: int = 500, guidance_scale: float = 1.0) -> np.ndarray:
+    """SDEdit (Meng et al. 2022): noise ``images`` to timestep ``t_start`` with q(x_t | x_0)
+    and denoise them class-conditionally with their own ``labels``; uint8 out, seeded.
+
+    The sampler's grid is chosen so that about ``steps`` of its steps fall in
+    [0, t_start] (``steps`` over the whole range would leave one or two at t = 200).
+    """
+    if len(labels) == 0:
+        return images[:0].copy()
+    T = sampler.config.num_train_timesteps
+    sampler.set_timesteps(min(T, math.ceil(steps * T / max(t_start, 1))))
+    timesteps = [t for t in sampler.timesteps if int(t) <= t_start]
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for start in range(0, len(labels), batch_size):
+        clean = to_float(images[start:start + batch_size]).to(device)
+        y = torch.as_tensor(labels[start:start + batch_size], dtype=torch.long).to(device)
+        noise = torch.randn(clean.shape, generator=gen).to(device)
+        x = sampler.add_noise(clean, noise, torch.full((len(y),), int(timesteps[0])))
+        unet.to(device).eval()
+        for t in timesteps:
+            x = sampler.step(guided_eps(unet, x, t, y, guidance_scale), t, x,
+                             generator=gen).prev_sample
+        out.append(to_uint8(x))
+    return np.concatenate(out)
+
+
+def sdedit_fill(unet: UNet2DModel, sampler: SchedulerMixin, images: np.ndarray,
+                labels: np.ndarray, deficits: np.ndarray, *, t_start: int, steps: int,
+                seed: int, device: torch.device, guidance_scale: float = 1.0
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """A client's deficits filled by SDEdit of its own images: sources drawn per class
+    with replacement as the oversample arm draws them (so only classes it holds), each
+    noised to ``t_start`` and denoised under its own label."""
+    src_x, src_y = oversample(images, labels, deficits, np.random.default_rng(seed))
+    return sdedit(unet, sampler, src_x, src_y, t_start=t_start, steps=steps, seed=seed,
+                  device=device, guidance_scale=guidance_scale), src_y
 
 
 def guided_eps(unet: UNet2DModel, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,

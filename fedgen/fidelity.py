@@ -94,3 +94,44 @@ def frechet_distance(net: FeatureNet, real: np.ndarray, fake: np.ndarray) -> flo
     for chunk in np.array_split(fake, max(1, len(fake) // 1000)):
         fid.update(torch.as_tensor(chunk), real=False)
     return float(fid.compute())
+
+
+class Judge:
+    """Every quality figure of synthetic images against one real set: fidelity, per-class
+    fidelity (:class:`ReferenceClassifier`) and the Fréchet distance (:class:`FeatureNet`),
+    each reference fitted once, on first use. The one place runs, ``fedgen.pretrain`` and
+    the benchmarks get their quality figures from."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int,
+                 seed: int = 0):
+        self.images, self.labels, self.num_classes, self.seed = images, labels, num_classes, seed
+        self._reference: ReferenceClassifier | None = None
+        self._feature_net: FeatureNet | None = None
+
+    @property
+    def reference(self) -> ReferenceClassifier:
+        if self._reference is None:
+            self._reference = ReferenceClassifier(self.images, self.labels, seed=self.seed)
+        return self._reference
+
+    def fidelity(self, images: np.ndarray, labels: np.ndarray) -> float:
+        return self.reference.accuracy(images, labels)
+
+    def per_class(self, images: np.ndarray, labels: np.ndarray) -> list[float]:
+        """Fidelity per class (NaN for a class without samples)."""
+        return [self.fidelity(images[labels == c], labels[labels == c])
+                for c in range(self.num_classes)]
+
+    def frechet(self, images: np.ndarray) -> float:
+        """Fréchet distance to the real images (NaN for too few samples)."""
+        if len(images) <= FeatureNet.num_features:   # too few for a covariance estimate
+            return float("nan")
+        if self._feature_net is None:
+            self._feature_net = FeatureNet.fit(self.images, self.labels, self.num_classes,
+                                               seed=self.seed)
+        return frechet_distance(self._feature_net, self.images, images)
+
+    def report(self, images: np.ndarray, labels: np.ndarray) -> dict:
+        return {"fidelity": self.fidelity(images, labels),
+                "per_class_fidelity": self.per_class(images, labels),
+                "frechet_distance": self.frechet(images)}

@@ -12,9 +12,12 @@ from typing import Mapping
 
 from flwr.client import NumPyClient
 
-from clients import PHASE_CLIENTS
+from clients import PHASE_CLIENTS, DiffusionClient
 from fedgen.config import ConfigError, RunConfig
-from strategies import FedAvgReal, FedDiffAug, PhasedFedAvg
+from strategies import FedAvgReal, FedDDPM, FedDDPMPlus, FedDiffAug, PhasedFedAvg
+
+# FedDDPM's extra phase: each client trains its local DDPM once (the same client class).
+LOCAL_DDPM_CLIENTS = {**PHASE_CLIENTS, "local-ddpm": DiffusionClient}
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,12 @@ METHODS: dict[str, Method] = {
     "fed-diff-aug": Method(FedDiffAug, "federated DDPM + class-balancing augmentation "
                                        "(methods.md A)"),
     "fedavg": Method(FedAvgReal, "FedAvg on real data only"),
+    "fedddpm": Method(FedDDPM, "federated DDPM corrected on the server with D_aux sampled "
+                               "from the clients' local DDPMs after every round (methods.md C)",
+                      LOCAL_DDPM_CLIENTS),
+    "fedddpm-plus": Method(FedDDPMPlus, "FedDDPM+: the D_aux correction only when the "
+                                        "held-out loss stalls (methods.md C)",
+                           LOCAL_DDPM_CLIENTS),
 }
 
 

@@ -35,7 +35,7 @@ from fedgen import logs
 from fedgen.config import ConfigError, RunConfig, load_config
 from fedgen.data import ImageData, load_data
 from fedgen.diffusion import sample, train_ddpm
-from fedgen.fidelity import FeatureNet, ReferenceClassifier, frechet_distance
+from fedgen.fidelity import Judge
 from fedgen.models import build_sampler, build_scheduler, build_unet, device
 from fedgen.seeds import derive_seed
 
@@ -59,9 +59,9 @@ def evaluate_unet(unet, cfg: RunConfig, data: ImageData, per_class: int) -> dict
                     steps=cfg.sampling_steps, seed=cfg.seed, device=device(),
                     batch_size=cfg.generation_batch_size, progress=False,
                     guidance_scale=cfg.guidance_scale)
-    fid_net = FeatureNet.fit(data.train_x, data.train_y, data.num_classes, seed=cfg.seed)
-    return {"fidelity": ReferenceClassifier(data.train_x, data.train_y).accuracy(images, labels),
-            "frechet_distance": frechet_distance(fid_net, data.train_x, images)}
+    judge = Judge(data.train_x, data.train_y, data.num_classes, seed=cfg.seed)
+    return {"fidelity": judge.fidelity(images, labels),
+            "frechet_distance": judge.frechet(images)}
 
 
 def pretrain(cfg: RunConfig, epochs: int, out: Path, per_class: int = 50) -> dict:

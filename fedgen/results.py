@@ -109,12 +109,20 @@ class Recorder:
         self.results["checkpoint"] = str(path)
         self.save()
 
-    def log_diffusion_round(self, rnd: int, train: dict) -> None:
+    def log_diffusion_round(self, rnd: int, train: dict, **extra: Any) -> None:
+        """One diffusion round: clients' loss, grid fidelity, times, and what a method
+        adds (``extra``, e.g. FedDDPM's held-out loss and correction)."""
         hist = self.results.setdefault("diffusion", {"history": []})["history"]
         hist.append({"round": rnd, "train_loss": train.get("loss"),
                      "grid_fidelity": train.get("fidelity"),
                      "seconds": round(time.perf_counter() - self._round_start, 3),
-                     "client_seconds": round(train.get("client_seconds", 0.0), 3)})
+                     "client_seconds": round(train.get("client_seconds", 0.0), 3), **extra})
+        self.save()
+
+    def set_section(self, name: str, value: dict) -> None:
+        """A method's own section of results.json (e.g. FedDDPM's ``auxiliary``)."""
+        self.results[name] = value
+        self.save()
 
     def log_round(self, arm: str, rnd: int, server_round: int, test: dict,
                   train: dict, clients: dict | None = None) -> None:

@@ -2,6 +2,7 @@
 
 from strategies.fed_diff_aug import FedDiffAug
 from strategies.fedavg import FedAvgReal
+from strategies.fedddpm import FedDDPM, FedDDPMPlus
 from strategies.phased import Phase, PhasedFedAvg
 
-__all__ = ["FedAvgReal", "FedDiffAug", "Phase", "PhasedFedAvg"]
+__all__ = ["FedAvgReal", "FedDDPM", "FedDDPMPlus", "FedDiffAug", "Phase", "PhasedFedAvg"]

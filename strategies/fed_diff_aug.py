@@ -17,9 +17,9 @@ from flwr.common import Parameters, ndarrays_to_parameters
 from flwr.server.client_proxy import ClientProxy
 
 from fedgen import plots
-from fedgen.balancing import fill_to_max
+from fedgen.balancing import fill_to_max, present_only
 from fedgen.diffusion import sample
-from fedgen.fidelity import FeatureNet, ReferenceClassifier, frechet_distance
+from fedgen.fidelity import Judge
 from fedgen.models import (build_sampler, build_scheduler, build_unet, get_weights,
                            set_weights, unet_shell)
 from fedgen.seeds import derive_seed
@@ -37,7 +37,9 @@ class FedDiffAug(PhasedFedAvg):
     Hooks a researcher overrides: :meth:`deficit_plan` (which classes get how many
     samples), :meth:`generate` (how they are produced), :meth:`aggregate_diffusion` (how
     UNet weights are combined; by default the clients' average, passed through the
-    ``diffusion-server-opt`` update and tracked by an ``ema-decay`` EMA for sampling).
+    ``diffusion-server-opt`` update and tracked by an ``ema-decay`` EMA for sampling),
+    :meth:`correct` (server-side work on the new global UNet after each aggregation;
+    none here, FedDDPM's correction on D_aux in :class:`strategies.fedddpm.FedDDPM`).
     """
 
     GRID_PER_CLASS = 10  # samples per class in the per-round grid (samples-every)
@@ -49,13 +51,14 @@ class FedDiffAug(PhasedFedAvg):
         self.unet_weights: list[np.ndarray] | None = None   # the global UNet
         self.ema_weights: list[np.ndarray] | None = None    # its EMA (ema-decay > 0)
         self.synthetic: dict[int, Batch] = {}
+        self.edit_plan: dict[int, np.ndarray] = {}   # generation=sdedit: counts per client
+        self.edit_weights: list[np.ndarray] = []
         super().__init__(*args, **kwargs)
         self.scheduler = build_scheduler(self.cfg)
         self.server_opt = ServerOptimizer(self.cfg.diffusion_server_opt,
                                           self.cfg.diffusion_server_lr,
                                           self.cfg.diffusion_server_momentum)
-        self._reference: ReferenceClassifier | None = None
-        self._feature_net: FeatureNet | None = None
+        self._judge: Judge | None = None
 
     def plan(self) -> list[Phase]:
         if self.generative_arm not in self.arms:
@@ -63,12 +66,14 @@ class FedDiffAug(PhasedFedAvg):
         head = [Phase("diffusion", self.cfg.diffusion_rounds, sends_weights=True)] \
             if self.cfg.diffusion_rounds > 0 else []
         stats, *classify = super().plan()
-        return [stats, *head, Phase("generation", 1, arm=self.generative_arm, all_clients=True),
+        kind = "sdedit" if self.cfg.generation == "sdedit" else "generation"
+        return [stats, *head, Phase(kind, 1, arm=self.generative_arm, all_clients=True),
                 *classify]
 
     def aggregators(self):
         return {**super().aggregators(), "diffusion": self.aggregate_diffusion,
-                "generation": lambda phase, rnd, results: (None, {})}
+                "generation": lambda phase, rnd, results: (None, {}),
+                "sdedit": self.aggregate_sdedit}
 
     # -------------------------------------------------------------- phases
     def start_phase(self, phase: Phase):
@@ -76,24 +81,38 @@ class FedDiffAug(PhasedFedAvg):
         if phase.kind == "diffusion":
             self.unet_weights = get_weights(self.build_unet())
             return self.unet_weights
-        if phase.kind == "generation":
+        if phase.kind in ("generation", "sdedit"):
             if self.unet_weights is None:  # diffusion-rounds = 0: use diffusion-init as is
                 self.unet_weights = get_weights(self.build_unet())
-            self.synthetic = self.generate(self.deficit_plan(self.histograms))
+            plan = self.deficit_plan(self.histograms)
+            if phase.kind == "generation":
+                self.synthetic = self.generate(plan)
+            else:   # the clients edit their own images: they get counts and the model
+                self.edit_plan = {k: present_only(d, self.histograms[k])
+                                  for k, d in plan.items()}
+                self.edit_weights = get_weights(self.global_unet())
+                self._t0 = time.perf_counter()
         return start
 
     def fit_config(self, phase: Phase, rnd: int, server_round: int):
         config = super().fit_config(phase, rnd, server_round)
         if phase.kind == "diffusion":
-            config.update({"epochs": self.cfg.diffusion_epochs,
-                           "batch-size": self.cfg.diffusion_batch_size,
-                           "lr": self.cfg.diffusion_lr, "cfg-dropout": self.cfg.cfg_dropout,
-                           "proximal-mu": self.cfg.diffusion_proximal_mu,
-                           "min-snr-gamma": self.cfg.min_snr_gamma})
+            config.update({**self.ddpm_settings(), "epochs": self.cfg.diffusion_epochs,
+                           "proximal-mu": self.cfg.diffusion_proximal_mu})
         return config
 
+    def ddpm_settings(self) -> dict:
+        """The DDPM training settings every phase that trains a UNet on clients sends."""
+        return {"batch-size": self.cfg.diffusion_batch_size, "lr": self.cfg.diffusion_lr,
+                "cfg-dropout": self.cfg.cfg_dropout, "min-snr-gamma": self.cfg.min_snr_gamma}
+
     def payload_for(self, phase: Phase, client: ClientProxy, parameters: Parameters):
-        """In the generation round each client gets a FRESH payload: its own batch."""
+        """In the generation round each client gets a FRESH payload: its own batch (or,
+        under generation=sdedit, its own deficit counts and the sampling weights)."""
+        if phase.kind == "sdedit":
+            pid = self.partition_of.get(client.cid)
+            counts = self.edit_plan.get(pid, np.zeros(self.data.num_classes, np.int64))
+            return ndarrays_to_parameters([counts, *self.edit_weights])
         if phase.kind != "generation":
             return parameters
         pid = self.partition_of.get(client.cid)
@@ -102,6 +121,21 @@ class FedDiffAug(PhasedFedAvg):
         images, labels = self.synthetic[pid]
         return ndarrays_to_parameters([images, labels])
 
+    def aggregate_sdedit(self, phase: Phase, rnd: int, results: Results) -> Aggregated:
+        """The SDEdit round: only counts come back (the images stay on the clients)."""
+        none = np.zeros(self.data.num_classes, np.int64)
+        counts = np.stack([self.edit_plan.get(k, none) for k in self.roster.keys])
+        made = int(sum(int(r.metrics.get("made", 0)) for _, r in results))
+        seconds = time.perf_counter() - self._t0
+        self.recorder.set_section("generation", {
+            "counts": counts.tolist(), "total": made, "where": "clients (sdedit)",
+            "sdedit_t": self.cfg.sdedit_t, "fidelity": None, "frechet_distance": None,
+            "seconds": round(seconds, 3)})
+        log.info("sdedit: the clients made %d samples from their own images in %.1f s "
+                 "(fidelity: python benchmarks/sdedit.py --run %s)", made, seconds,
+                 self.recorder.out)
+        return None, {}
+
     # ---------------------------------------------------------------- hooks
     def aggregate_diffusion(self, phase: Phase, rnd: int, results: Results) -> Aggregated:
         """The clients' UNets averaged (sample-weighted, or uniform: the original's compat),
@@ -109,18 +143,24 @@ class FedDiffAug(PhasedFedAvg):
         uniform = self.cfg.diffusion_aggregation == "uniform"
         average = self.aggregate_weights(results, uniform=uniform)
         self.unet_weights = self.server_opt.step(self.unet_weights, average)
+        extra = self.correct(phase, rnd)
         if self.cfg.ema_decay > 0:
             self.ema_weights = ema_update(self.ema_weights, self.unet_weights,
                                           self.cfg.ema_decay)
         loss = self._train_metrics.get("loss", float("nan"))
         quality = self.sample_grid(rnd, last=rnd == phase.rounds)
-        self.recorder.log_diffusion_round(rnd, {**self._train_metrics, **quality})
+        self.recorder.log_diffusion_round(rnd, {**self._train_metrics, **quality}, **extra)
         log.info("[diffusion] round %d/%d  denoising loss %.4f%s", rnd, phase.rounds, loss,
                  f"  grid fidelity {100 * quality['fidelity']:.1f}%"
                  if quality.get("fidelity") is not None else "")
         if rnd == phase.rounds:
             self.save_unet()
         return ndarrays_to_parameters(self.unet_weights), self._train_metrics
+
+    def correct(self, phase: Phase, rnd: int) -> dict:
+        """Server-side work on ``self.unet_weights`` after the aggregation of diffusion
+        round ``rnd``, before the EMA and the grid; returns figures for the round's log."""
+        return {}
 
     def deficit_plan(self, histograms: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
         """Synthetic samples per class for each client: fill-to-max scaled by
@@ -161,12 +201,12 @@ class FedDiffAug(PhasedFedAvg):
                     else self.unet_weights)
         return unet
 
-    def reference(self) -> ReferenceClassifier | None:
-        """The fidelity oracle, fitted once on the server's real images (None without)."""
-        if self._reference is None and len(self.data.train_y):
-            self._reference = ReferenceClassifier(self.data.train_x, self.data.train_y,
-                                                  seed=self.cfg.seed)
-        return self._reference
+    def judge(self) -> Judge | None:
+        """The quality oracle on the server's real training images (None without)."""
+        if self._judge is None and len(self.data.train_y):
+            self._judge = Judge(self.data.train_x, self.data.train_y, self.data.num_classes,
+                                seed=self.cfg.seed)
+        return self._judge
 
     def sample_grid(self, rnd: int, last: bool) -> dict:
         """Every ``samples-every`` rounds and after the last: GRID_PER_CLASS samples per
@@ -184,19 +224,16 @@ class FedDiffAug(PhasedFedAvg):
         folder.mkdir(exist_ok=True)
         plots.samples_grid(images, labels, self.data.classes, folder / f"round-{rnd:03d}.png",
                            per_class=self.GRID_PER_CLASS, title=f"global DDPM, diffusion round {rnd}")
-        ref = self.reference()
-        return {"fidelity": ref.accuracy(images, labels) if ref else None}
+        judge = self.judge()
+        return {"fidelity": judge.fidelity(images, labels) if judge else None}
 
     def record_generation(self, plan, images, labels, seconds: float) -> None:
         """Counts per node, samples, fidelity (overall and per class) and the Fréchet
         distance to the real training images (None where the server holds no images)."""
         fidelity, per_class, fid = None, [None] * self.data.num_classes, None
-        ref = self.reference()
-        if ref is not None:
-            fidelity = ref.accuracy(images, labels)
-            per_class = [ref.accuracy(images[labels == c], labels[labels == c])
-                         for c in range(self.data.num_classes)]
-            fid = self.frechet_distance(images)
+        judge = self.judge()
+        if judge is not None:
+            fidelity, per_class, fid = judge.report(images, labels).values()
         none = np.zeros(self.data.num_classes, np.int64)
         counts = np.stack([plan.get(k, none) for k in self.roster.keys]) if plan \
             else np.zeros((0, self.data.num_classes), np.int64)
@@ -205,16 +242,6 @@ class FedDiffAug(PhasedFedAvg):
         log.info("generation: %d samples in %.1f s, fidelity %s, Fréchet distance %s",
                  len(labels), seconds, "n/a" if fidelity is None else f"{100 * fidelity:.1f}%",
                  "n/a" if fid is None or np.isnan(fid) else f"{fid:.2f}")
-
-    def frechet_distance(self, images: np.ndarray) -> float:
-        """FID between the server's real training images and ``images`` on the features
-        of a reference network trained on the former (:class:`fedgen.fidelity.FeatureNet`)."""
-        if len(images) <= FeatureNet.num_features:   # too few for a covariance estimate
-            return float("nan")
-        if self._feature_net is None:
-            self._feature_net = FeatureNet.fit(self.data.train_x, self.data.train_y,
-                                               self.data.num_classes, seed=self.cfg.seed)
-        return frechet_distance(self._feature_net, self.data.train_x, images)
 
     def save_unet(self) -> None:
         """The global DDPM, loadable by stock diffusers (``DDPMPipeline.from_pretrained``)."""

@@ -29,15 +29,17 @@ def tiny_config(tmp_path: Path, **changes) -> RunConfig:
 
 class InProcessProxy(fedgen.inprocess.InProcessProxy):
     """The in-process proxy of ``run_simulation.py --backend inprocess``, keeping every
-    message it carried (``received``) for the tests to inspect."""
+    message it carried (``received``, and its fit replies in ``replied``) for the tests."""
 
     def __init__(self, cid: str, cfg: RunConfig, node: int | dict):
         super().__init__(cid, cfg, node, METHODS[cfg.method].clients)
         self.received: list = []
+        self.replied: list = []
 
     def fit(self, ins, timeout, group_id) -> FitRes:
         self.received.append(ins)
-        return super().fit(ins, timeout, group_id)
+        self.replied.append(super().fit(ins, timeout, group_id))
+        return self.replied[-1]
 
     def evaluate(self, ins, timeout, group_id):
         self.received.append(ins)
