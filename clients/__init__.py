@@ -18,6 +18,7 @@ from clients.classifier_client import TRAINING_SETS, ClassifierClient
 from clients.data_client import DataClient
 from clients.diffusion_client import DiffusionClient
 from clients.local import LocalData, NodeConfigError, SyntheticStore
+from clients.sd_client import SDClient
 from clients.sdedit_client import SDEditClient
 
 log = logging.getLogger(__name__)
@@ -94,5 +95,5 @@ class PhaseRouter(Client):
 
 
 __all__ = ["PHASE_CLIENTS", "TRAINING_SETS", "ClassifierClient", "DataClient",
-           "DiffusionClient", "LocalData", "NodeConfigError", "PhaseRouter", "SDEditClient",
+           "DiffusionClient", "LocalData", "NodeConfigError", "PhaseRouter", "SDClient", "SDEditClient",
            "SyntheticStore"]

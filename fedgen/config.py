@@ -30,6 +30,7 @@ NORMS = ("group", "batch")
 EVALUATIONS = ("server", "clients", "both")
 SERVER_OPTS = ("fedavg", "fedavgm", "fedadam")
 GENERATIONS = ("sample", "sdedit")
+SD_WHERE = ("clients", "server")
 
 
 class ConfigError(ValueError):
@@ -54,7 +55,7 @@ class RunConfig:
     # --- what to run
     method: str = knob("fed-diff-aug", "Algorithm from the registry METHODS in "
                        "fedgen/methods.py (which checks the name): fed-diff-aug, fedavg, "
-                       "fedddpm, fedddpm-plus.")
+                       "fedddpm, fedddpm-plus, gen-fedsd.")
     arms: str = knob("real,oversample,noise,diffusion",
                      "Comma-separated arms compared on one partition (methods.md A.6).",
                      choices=ARMS, many=True)
@@ -158,6 +159,26 @@ class RunConfig:
                               "improves by less than this relative amount.", low=0.0)
     stall_patience: int = knob(2, "FedDDPM+: after this many stalled rounds in a row, one "
                                "correction (then the count restarts).", low=1)
+    # --- Gen-FedSD (methods.md B): a pretrained text-to-image pipeline fills the gaps
+    sd_model_path: str = knob("", "Gen-FedSD: local folder of a Stable Diffusion pipeline "
+                              "(diffusers save_pretrained layout); nothing is downloaded.")
+    sd_prompts: str = knob("a photo of a {}.|a black and white photo of a {}.|a low "
+                           "resolution photo of a {}.|a close-up photo of a {}.|a blurry "
+                           "photo of a {}.", "Gen-FedSD: '|'-separated prompt templates, {} "
+                           "= the class name (class-names); image i of a class uses "
+                           "template i mod their number (CLIP-style, for diversity).")
+    sd_steps: int = knob(25, "Gen-FedSD: denoising steps of the pipeline.", low=1)
+    sd_guidance_scale: float = knob(7.5, "Gen-FedSD: the pipeline's classifier-free "
+                                    "guidance (its usual default).", low=0.0)
+    sd_resolution: int = knob(0, "Gen-FedSD: pixels generated before the resize to the "
+                              "task's size (0 = the pipeline's native size, 512 for SD 1.5).",
+                              low=0)
+    sd_batch_size: int = knob(8, "Gen-FedSD: prompts per pipeline call.", low=1)
+    sd_where: str = knob("clients", "Gen-FedSD: who runs the pipeline: clients (as in the "
+                         "paper: the server sends each its counts) or server (it generates "
+                         "on the clients' behalf and ships the batches).", choices=SD_WHERE)
+    sd_cache_dir: str = knob("", "Gen-FedSD: cache of generated images, so a rerun does not "
+                             "generate again; empty = ~/.cache/fedgen/gen-fedsd.")
     # --- generation round
     generation: str = knob("sample", "How the diffusion arm's batches are made: sample = the "
                            "server samples the global DDPM class-conditionally and ships each "
@@ -247,6 +268,9 @@ class RunConfig:
         if self.sdedit_t >= self.num_train_timesteps:
             raise ConfigError(f"sdedit-t ({self.sdedit_t}) must be below num-train-timesteps "
                               f"({self.num_train_timesteps})")
+        if not self.sd_prompt_list or any("{}" not in t for t in self.sd_prompt_list):
+            raise ConfigError(f"sd-prompts: every '|'-separated template needs {{}} for the "
+                              f"class name, got {self.sd_prompts!r}")
         if self.beta_end <= self.beta_start:
             raise ConfigError(f"beta-end ({self.beta_end}) must exceed beta-start "
                               f"({self.beta_start})")
@@ -279,6 +303,10 @@ class RunConfig:
     @property
     def class_list(self) -> tuple[str, ...]:
         return tuple(c.strip() for c in self.class_names.split(",") if c.strip())
+
+    @property
+    def sd_prompt_list(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.sd_prompts.split("|") if t.strip())
 
     @property
     def unet_channel_list(self) -> tuple[int, ...]:

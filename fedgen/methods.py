@@ -12,9 +12,9 @@ from typing import Mapping
 
 from flwr.client import NumPyClient
 
-from clients import PHASE_CLIENTS, DiffusionClient
+from clients import PHASE_CLIENTS, DiffusionClient, SDClient
 from fedgen.config import ConfigError, RunConfig
-from strategies import FedAvgReal, FedDDPM, FedDDPMPlus, FedDiffAug, PhasedFedAvg
+from strategies import FedAvgReal, FedDDPM, FedDDPMPlus, FedDiffAug, GenFedSD, PhasedFedAvg
 
 # FedDDPM's extra phase: each client trains its local DDPM once (the same client class).
 LOCAL_DDPM_CLIENTS = {**PHASE_CLIENTS, "local-ddpm": DiffusionClient}
@@ -37,13 +37,18 @@ METHODS: dict[str, Method] = {
     "fedddpm-plus": Method(FedDDPMPlus, "FedDDPM+: the D_aux correction only when the "
                                         "held-out loss stalls (methods.md C)",
                            LOCAL_DDPM_CLIENTS),
+    "gen-fedsd": Method(GenFedSD, "a pretrained Stable Diffusion (sd-model-path) fills each "
+                                  "client's class gaps from prompts, one-shot (methods.md B)",
+                        {**PHASE_CLIENTS, "sd-generation": SDClient}),
 }
 
 
 def method_for(cfg: RunConfig) -> Method:
     """The registry entry of ``cfg.method``; an unknown name is a ConfigError naming the
-    registered ones (the registry, not the config schema, knows which exist)."""
+    registered ones (the registry, not the config schema, knows which exist), and so are
+    settings the method cannot run with (its strategy's ``check_config``)."""
     if cfg.method not in METHODS:
         raise ConfigError(f"method: unknown value {cfg.method!r}; allowed: "
                           f"{', '.join(METHODS)}")
+    METHODS[cfg.method].strategy.check_config(cfg)
     return METHODS[cfg.method]

@@ -51,7 +51,7 @@ class FedDiffAug(PhasedFedAvg):
         self.unet_weights: list[np.ndarray] | None = None   # the global UNet
         self.ema_weights: list[np.ndarray] | None = None    # its EMA (ema-decay > 0)
         self.synthetic: dict[int, Batch] = {}
-        self.edit_plan: dict[int, np.ndarray] = {}   # generation=sdedit: counts per client
+        self.client_plan: dict[int, np.ndarray] = {}  # counts clients make themselves
         self.edit_weights: list[np.ndarray] = []
         super().__init__(*args, **kwargs)
         self.scheduler = build_scheduler(self.cfg)
@@ -66,14 +66,18 @@ class FedDiffAug(PhasedFedAvg):
         head = [Phase("diffusion", self.cfg.diffusion_rounds, sends_weights=True)] \
             if self.cfg.diffusion_rounds > 0 else []
         stats, *classify = super().plan()
-        kind = "sdedit" if self.cfg.generation == "sdedit" else "generation"
-        return [stats, *head, Phase(kind, 1, arm=self.generative_arm, all_clients=True),
-                *classify]
+        return [stats, *head, Phase(self.generation_kind(), 1, arm=self.generative_arm,
+                                    all_clients=True), *classify]
+
+    def generation_kind(self) -> str:
+        """The generation round's phase: ``generation`` (the server makes every batch and
+        ships it) or a phase in which each client makes its own (``sdedit``)."""
+        return "sdedit" if self.cfg.generation == "sdedit" else "generation"
 
     def aggregators(self):
         return {**super().aggregators(), "diffusion": self.aggregate_diffusion,
                 "generation": lambda phase, rnd, results: (None, {}),
-                "sdedit": self.aggregate_sdedit}
+                "sdedit": self.aggregate_client_made}
 
     # -------------------------------------------------------------- phases
     def start_phase(self, phase: Phase):
@@ -81,17 +85,11 @@ class FedDiffAug(PhasedFedAvg):
         if phase.kind == "diffusion":
             self.unet_weights = get_weights(self.build_unet())
             return self.unet_weights
-        if phase.kind in ("generation", "sdedit"):
-            if self.unet_weights is None:  # diffusion-rounds = 0: use diffusion-init as is
-                self.unet_weights = get_weights(self.build_unet())
-            plan = self.deficit_plan(self.histograms)
-            if phase.kind == "generation":
-                self.synthetic = self.generate(plan)
-            else:   # the clients edit their own images: they get counts and the model
-                self.edit_plan = {k: present_only(d, self.histograms[k])
-                                  for k, d in plan.items()}
-                self.edit_weights = get_weights(self.global_unet())
-                self._t0 = time.perf_counter()
+        if phase.kind == "generation":
+            self.synthetic = self.generate(self.deficit_plan(self.histograms))
+        elif phase.kind == self.generation_kind():   # each client makes its own batch
+            self.client_plan = self.client_deficits(self.deficit_plan(self.histograms))
+            self._t0 = time.perf_counter()
         return start
 
     def fit_config(self, phase: Phase, rnd: int, server_round: int):
@@ -107,12 +105,12 @@ class FedDiffAug(PhasedFedAvg):
                 "cfg-dropout": self.cfg.cfg_dropout, "min-snr-gamma": self.cfg.min_snr_gamma}
 
     def payload_for(self, phase: Phase, client: ClientProxy, parameters: Parameters):
-        """In the generation round each client gets a FRESH payload: its own batch (or,
-        under generation=sdedit, its own deficit counts and the sampling weights)."""
-        if phase.kind == "sdedit":
+        """In the generation round each client gets a FRESH payload: its own batch, or,
+        where clients make their own, :meth:`client_payload` of its counts."""
+        if phase.kind != "generation" and phase.kind == self.generation_kind():
             pid = self.partition_of.get(client.cid)
-            counts = self.edit_plan.get(pid, np.zeros(self.data.num_classes, np.int64))
-            return ndarrays_to_parameters([counts, *self.edit_weights])
+            counts = self.client_plan.get(pid, np.zeros(self.data.num_classes, np.int64))
+            return ndarrays_to_parameters(self.client_payload(counts))
         if phase.kind != "generation":
             return parameters
         pid = self.partition_of.get(client.cid)
@@ -121,19 +119,29 @@ class FedDiffAug(PhasedFedAvg):
         images, labels = self.synthetic[pid]
         return ndarrays_to_parameters([images, labels])
 
-    def aggregate_sdedit(self, phase: Phase, rnd: int, results: Results) -> Aggregated:
-        """The SDEdit round: only counts come back (the images stay on the clients)."""
+    def client_deficits(self, plan: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+        """What each client is asked to make itself: SDEdit edits its own images, so only
+        the classes it holds."""
+        return {k: present_only(d, self.histograms[k]) for k, d in plan.items()}
+
+    def client_payload(self, counts: np.ndarray) -> list[np.ndarray]:
+        """What a client that makes its own batch receives: its counts and (SDEdit) the
+        sampling weights of the global UNet."""
+        if not self.edit_weights:
+            self.edit_weights = get_weights(self.global_unet())
+        return [counts, *self.edit_weights]
+
+    def aggregate_client_made(self, phase: Phase, rnd: int, results: Results) -> Aggregated:
+        """A round in which the clients made their own batches: only counts come back."""
         none = np.zeros(self.data.num_classes, np.int64)
-        counts = np.stack([self.edit_plan.get(k, none) for k in self.roster.keys])
+        counts = np.stack([self.client_plan.get(k, none) for k in self.roster.keys])
         made = int(sum(int(r.metrics.get("made", 0)) for _, r in results))
         seconds = time.perf_counter() - self._t0
         self.recorder.set_section("generation", {
-            "counts": counts.tolist(), "total": made, "where": "clients (sdedit)",
-            "sdedit_t": self.cfg.sdedit_t, "fidelity": None, "frechet_distance": None,
-            "seconds": round(seconds, 3)})
-        log.info("sdedit: the clients made %d samples from their own images in %.1f s "
-                 "(fidelity: python benchmarks/sdedit.py --run %s)", made, seconds,
-                 self.recorder.out)
+            "counts": counts.tolist(), "total": made, "where": f"clients ({phase.kind})",
+            "fidelity": None, "frechet_distance": None, "seconds": round(seconds, 3)})
+        log.info("%s: the clients made %d samples themselves in %.1f s (their images stay "
+                 "with them)", phase.kind, made, seconds)
         return None, {}
 
     # ---------------------------------------------------------------- hooks
@@ -194,7 +202,9 @@ class FedDiffAug(PhasedFedAvg):
 
     def global_unet(self) -> UNet2DModel:
         """A UNet holding the weights sampling uses: the EMA when ``ema-decay`` > 0, else
-        the current global weights."""
+        the current global weights (``diffusion-init`` as is, with diffusion-rounds = 0)."""
+        if self.unet_weights is None:
+            self.unet_weights = get_weights(self.build_unet())
         unet = unet_shell(self.cfg, self.data.channels, self.data.num_classes,
                           self.data.image_size)
         set_weights(unet, self.ema_weights if self.ema_weights is not None

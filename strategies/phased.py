@@ -84,6 +84,11 @@ class PhasedFedAvg(FedAvg):
         self._classifier_init = get_weights(self._classifier(
             seed=derive_seed(cfg.seed, "classifier-init")))
 
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        """Raise a ConfigError for settings this method cannot run with; called before
+        any work starts (``fedgen.methods.method_for``). Nothing to check here."""
+
     # ----------------------------------------------------------------- the plan
     def select_arms(self, requested: tuple[str, ...]) -> tuple[str, ...]:
         """The requested arms this method can run (others are dropped with a warning)."""

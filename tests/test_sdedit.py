@@ -71,7 +71,7 @@ def test_sdedit_sends_no_image_and_fills_only_held_classes(tmp_path, monkeypatch
         assert images.dtype == np.uint8 and images.shape[1:] == (1, 8, 8)
     gen = strategy.recorder.results["generation"]
     assert gen["where"] == "clients (sdedit)" and gen["fidelity"] is None
-    assert gen["total"] == sum(int(c.sum()) for c in strategy.edit_plan.values()) > 0
+    assert gen["total"] == sum(int(c.sum()) for c in strategy.client_plan.values()) > 0
     assert strategy.recorder.results["arms"]["diffusion"]["train_samples_per_round"] == \
         1437 + gen["total"]
 
