@@ -116,6 +116,32 @@ def table(rows: dict[str, list[dict]], label: str) -> str:
     return "\n".join(lines)
 
 
+def ddpm_table(rows: dict[str, list[dict]], label: str) -> str:
+    """The federated DDPM per setting: the last round's grid fidelity, and for FedDDPM-style
+    methods the held-out D_aux loss, the corrections and the server's seconds on D_aux
+    (sampling it + corrections); phase times are contended wall clock."""
+    def col(values, fmt):
+        v = [x for x in values if x is not None]
+        return fmt(v) if v else ""
+
+    lines = [f"| {label} | last-round grid fidelity (%) | held-out D_aux loss | "
+             f"corrections | server s on D_aux | local-DDPM phase s | diffusion phase s | n |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, results in rows.items():
+        hist = [(r.get("diffusion") or {}).get("history") or [{}] for r in results]
+        aux = [r.get("auxiliary") or {} for r in results]
+        last = [h[-1] for h in hist]
+        lines.append(
+            f"| {name} | {col([h.get('grid_fidelity') for h in last], mean_std)} | "
+            f"{col([h.get('aux_loss_after', h.get('aux_loss')) for h in last], plain_mean_std)}"
+            f" | {col([a.get('corrections') for a in aux], lambda v: f'{np.mean(v):.1f}')} | "
+            f"{col([a.get('server_seconds') for a in aux], lambda v: f'{np.mean(v):.0f}')} | "
+            f"{col([r['timings'].get('local-ddpm') for r in results], lambda v: f'{np.mean(v):.0f}')} | "
+            f"{col([r['timings'].get('diffusion') for r in results], lambda v: f'{np.mean(v):.0f}')} | "
+            f"{len(results)} |")
+    return "\n".join(lines)
+
+
 def plain_mean_std(values: list[float]) -> str:
     v = np.asarray(values, dtype=float)
     return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f}"
@@ -140,6 +166,8 @@ def main(argv=None) -> int:
     for (name, _, _), res in zip(jobs, done):
         rows.setdefault(name, []).append(res)
     text = table(rows, "setting")
+    if any(r.get("diffusion") for results in rows.values() for r in results):
+        text += "\n\n" + ddpm_table(rows, "setting")
     (out / "table.md").write_text(text + "\n")
     finals = {name: {arm: (np.mean([r["arms"][arm]["final_accuracy"] for r in results]),
                            np.std([r["arms"][arm]["final_accuracy"] for r in results], ddof=1)

@@ -59,3 +59,15 @@ def test_accuracy_rows_are_named_settings():
                                 "preset:", "w5: guidance-scale=5 unet-channels=8,16"])
     assert rows == {"plain": {"cfg-dropout": "0", "guidance-scale": "1"}, "preset": {},
                     "w5": {"guidance-scale": "5", "unet-channels": "8,16"}}
+
+
+def test_accuracy_ddpm_table_reports_corrections_and_server_time():
+    plain = {"timings": {"diffusion": 100.0}, "diffusion": {"history": [
+        {"grid_fidelity": 0.5}, {"grid_fidelity": 0.9}]}}
+    fed = {"timings": {"diffusion": 90.0, "local-ddpm": 30.0},
+           "auxiliary": {"corrections": 8, "server_seconds": 40.0},
+           "diffusion": {"history": [{"grid_fidelity": 1.0, "aux_loss": 0.2,
+                                      "aux_loss_after": 0.125}]}}
+    lines = accuracy.ddpm_table({"fedavg": [plain], "fedddpm": [fed, fed]}, "s").splitlines()
+    assert lines[2] == "| fedavg | 90.0 ± 0.0 |  |  |  |  | 100 | 1 |"
+    assert lines[3] == "| fedddpm | 100.0 ± 0.0 | 0.12 ± 0.00 | 8.0 | 40 | 30 | 90 | 2 |"
