@@ -12,6 +12,7 @@ from flwr.client import NumPyClient
 from clients.local import LocalData
 from fedgen.balancing import fill_to_max, noise_fill, oversample
 from fedgen.classifier import LossHook, evaluate, train_classifier
+from fedgen.losses import proximal
 from fedgen.models import classifier_shell, get_weights, set_weights
 from fedgen.seeds import derive_seed
 
@@ -122,3 +123,12 @@ class ClassifierClient(NumPyClient):
         return res["loss"], len(loc.test_labels), {
             "accuracy": res["accuracy"], "class-correct": json.dumps(correct),
             "class-count": json.dumps(counts.tolist())}
+
+
+class ProximalClassifierClient(ClassifierClient):
+    """FedProx's client: the same loop, plus the drift term toward the global weights it
+    received (fit config ``proximal-mu``; 0 = off)."""
+
+    def loss_hooks(self, model, config: dict) -> list[LossHook]:
+        mu = float(config.get("proximal-mu", 0.0))
+        return [*super().loss_hooks(model, config), *([proximal(model, mu)] if mu > 0 else [])]

@@ -55,7 +55,7 @@ class RunConfig:
     # --- what to run
     method: str = knob("fed-diff-aug", "Algorithm from the registry METHODS in "
                        "fedgen/methods.py (which checks the name): fed-diff-aug, fedavg, "
-                       "fedddpm, fedddpm-plus, gen-fedsd.")
+                       "fedddpm, fedddpm-plus, gen-fedsd, fedprox.")
     arms: str = knob("real,oversample,noise,diffusion",
                      "Comma-separated arms compared on one partition (methods.md A.6).",
                      choices=ARMS, many=True)
@@ -206,6 +206,9 @@ class RunConfig:
     lr: float = knob(0.01, "SGD learning rate of the classifier.", low=0.0, low_open=True)
     momentum: float = knob(0.9, "SGD momentum of the classifier.", low=0.0, high=1.0)
     weight_decay: float = knob(5e-4, "SGD weight decay of the classifier.", low=0.0)
+    proximal_mu: float = knob(0.01, "FedProx (method=fedprox): mu of the drift term "
+                              "mu/2 ||w - w_global||^2 on the classifier's local loss (Li et "
+                              "al. 2020 tried 0.001-1); other methods ignore it.", low=0.0)
     classifier_stem: str = knob("cifar", "ResNet-18 stem: cifar (3x3, stride 1, no "
                                 "max-pool) or imagenet (compat).", choices=STEMS)
     classifier_norm: str = knob("group", "ResNet-18 normalisation: group (GroupNorm, robust "

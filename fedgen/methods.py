@@ -12,9 +12,10 @@ from typing import Mapping
 
 from flwr.client import NumPyClient
 
-from clients import PHASE_CLIENTS, DiffusionClient, SDClient
+from clients import PHASE_CLIENTS, DiffusionClient, ProximalClassifierClient, SDClient
 from fedgen.config import ConfigError, RunConfig
-from strategies import FedAvgReal, FedDDPM, FedDDPMPlus, FedDiffAug, GenFedSD, PhasedFedAvg
+from strategies import (FedAvgReal, FedDDPM, FedDDPMPlus, FedDiffAug, FedProx, GenFedSD,
+                        PhasedFedAvg)
 
 # FedDDPM's extra phase: each client trains its local DDPM once (the same client class).
 LOCAL_DDPM_CLIENTS = {**PHASE_CLIENTS, "local-ddpm": DiffusionClient}
@@ -40,6 +41,9 @@ METHODS: dict[str, Method] = {
     "gen-fedsd": Method(GenFedSD, "a pretrained Stable Diffusion (sd-model-path) fills each "
                                   "client's class gaps from prompts, one-shot (methods.md B)",
                         {**PHASE_CLIENTS, "sd-generation": SDClient}),
+    "fedprox": Method(FedProx, "FedProx: every arm of fed-diff-aug with the drift term "
+                               "proximal-mu on the classifier's local loss (Li et al. 2020)",
+                      {**PHASE_CLIENTS, "classify": ProximalClassifierClient}),
 }
 
 
