@@ -81,7 +81,8 @@ def test_sdedit_sends_no_image_and_fills_only_held_classes(tmp_path, monkeypatch
     from fedgen.models import load_unet
     data = load_data(cfg)
     unet = load_unet(str(tmp_path / "out" / "ddpm"), 1, 10, 8)
-    images, labels = bench.client_batches(cfg, unet, data, cfg.sdedit_t)
+    images, labels, gaps = bench.client_batches(cfg, unet, data, cfg.sdedit_t)
+    assert gaps == sum(int(fill_to_max(h, 0.5).sum()) for h in strategy.histograms.values())
     mine = [saved[f"partition-{k}"] for k in range(cfg.num_clients)]
     assert np.array_equal(labels, np.concatenate([m[1] for m in mine]))
     assert np.array_equal(images, np.concatenate([m[0] for m in mine]))
