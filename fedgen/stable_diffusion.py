@@ -64,9 +64,8 @@ def load_pipeline(path: str | Path, device: torch.device):
     root = check_sd_path(path)
     try:
         from diffusers import StableDiffusionPipeline
-        pipe = StableDiffusionPipeline.from_pretrained(
-            root, local_files_only=True, safety_checker=None, requires_safety_checker=False,
-            torch_dtype=torch.float16 if device.type == "cuda" else torch.float32)
+        pipe = StableDiffusionPipeline.from_pretrained(   # float32, on every device
+            root, local_files_only=True, safety_checker=None, requires_safety_checker=False)
     except (OSError, ValueError, ImportError) as exc:
         raise SDModelError(f"sd-model-path={path}: diffusers could not load it: "
                            f"{str(exc).splitlines()[0]}") from None
