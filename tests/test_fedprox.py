@@ -6,6 +6,7 @@ from flwr.common import parameters_to_ndarrays
 
 from clients import ProximalClassifierClient
 from fedgen.losses import proximal
+from fedgen.server_app import build_strategy
 from tests.conftest import run_in_process, tiny_config
 
 
@@ -34,11 +35,13 @@ def test_fedprox_term_gradient_pulls_toward_the_global_weights():
 
 
 def test_fedprox_runs_every_arm_and_mu_shrinks_the_client_updates(tmp_path):
-    common = dict(method="fedprox", arms="real,diffusion", classifier_rounds=1, lr=0.05)
+    every_arm = build_strategy(tiny_config(tmp_path / "all", method="fedprox"))
+    assert [p.name for p in every_arm.phases] == [
+        "stats", "diffusion", "generation:diffusion", "classify:real", "classify:oversample",
+        "classify:noise", "classify:diffusion"]
+    common = dict(method="fedprox", arms="real", classifier_rounds=1, lr=0.05)
     off, off_proxies = run_in_process(tiny_config(tmp_path / "off", proximal_mu=0.0, **common))
     on, on_proxies = run_in_process(tiny_config(tmp_path / "on", proximal_mu=5.0, **common))
-    assert [p.kind for p in on.phases] == ["stats", "diffusion", "generation", "classify",
-                                           "classify"]
     assert on_proxies[0].client.clients["classify"] is ProximalClassifierClient
     fit = [i for i in on_proxies[0].received if i.config["phase"] == "classify"][0]
     assert fit.config["proximal-mu"] == 5.0

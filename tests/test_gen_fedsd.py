@@ -99,11 +99,10 @@ def test_gen_fedsd_on_clients_sends_only_counts_and_matches_the_server_side(
         save(self, name, images, labels)
 
     monkeypatch.setattr(SyntheticStore, "save", spy)
-    common = dict(method="gen-fedsd", arms="real,diffusion", sd_model_path=str(sd_path),
+    common = dict(method="gen-fedsd", arms="diffusion", sd_model_path=str(sd_path),
                   sd_cache_dir=str(tmp_path / "sd-cache"), **FAST)
     strategy, proxies = run_in_process(tiny_config(tmp_path / "clients", **common))
-    assert [p.kind for p in strategy.phases] == ["stats", "sd-generation", "classify",
-                                                 "classify"]
+    assert [p.kind for p in strategy.phases] == ["stats", "sd-generation", "classify"]
     for proxy in proxies:
         (ins,) = [i for i in proxy.received if i.config["phase"] == "sd-generation"]
         (counts,) = parameters_to_ndarrays(ins.parameters)   # counts, nothing else
