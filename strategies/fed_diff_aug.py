@@ -205,10 +205,14 @@ class FedDiffAug(PhasedFedAvg):
         the current global weights (``diffusion-init`` as is, with diffusion-rounds = 0)."""
         if self.unet_weights is None:
             self.unet_weights = get_weights(self.build_unet())
+        return self.unet_with(self.ema_weights if self.ema_weights is not None
+                              else self.unet_weights)
+
+    def unet_with(self, weights: list[np.ndarray]) -> UNet2DModel:
+        """The run's UNet architecture holding ``weights``."""
         unet = unet_shell(self.cfg, self.data.channels, self.data.num_classes,
                           self.data.image_size)
-        set_weights(unet, self.ema_weights if self.ema_weights is not None
-                    else self.unet_weights)
+        set_weights(unet, weights)
         return unet
 
     def judge(self) -> Judge | None:

@@ -22,7 +22,7 @@ from flwr.common import parameters_to_ndarrays
 
 from fedgen.balancing import proportional_counts
 from fedgen.diffusion import denoising_loss, sample, train_ddpm
-from fedgen.models import build_sampler, get_weights, set_weights, unet_shell
+from fedgen.models import build_sampler, get_weights
 from fedgen.seeds import derive_seed
 from strategies.fed_diff_aug import Batch, FedDiffAug
 from strategies.phased import Aggregated, Phase, Results
@@ -109,9 +109,7 @@ class FedDDPM(FedDiffAug):
         for client, res in results:
             key = self.partition_of[client.cid]
             y = np.repeat(np.arange(self.data.num_classes), shares[key])
-            unet = unet_shell(self.cfg, self.data.channels, self.data.num_classes,
-                              self.data.image_size)
-            set_weights(unet, parameters_to_ndarrays(res.parameters))
+            unet = self.unet_with(parameters_to_ndarrays(res.parameters))
             images.append(sample(unet, build_sampler(self.cfg.sampler, self.scheduler), y,
                                  steps=self.cfg.sampling_steps, progress=False,
                                  seed=derive_seed(self.cfg.seed, "aux", key),
@@ -170,9 +168,7 @@ class FedDDPM(FedDiffAug):
     def correction(self) -> int:
         """``correction-steps`` of the denoising loss on D_aux (the same loop and settings
         as the clients'); returns the steps run."""
-        unet = unet_shell(self.cfg, self.data.channels, self.data.num_classes,
-                          self.data.image_size)
-        set_weights(unet, self.unet_weights)
+        unet = self.unet_with(self.unet_weights)
         images, labels = self.aux_train
         stats = train_ddpm(unet, self.scheduler, images, labels, epochs=1,
                            max_steps=self.cfg.correction_steps,
@@ -185,9 +181,7 @@ class FedDDPM(FedDiffAug):
 
     def aux_loss(self) -> float:
         """The global UNet's denoising loss on the held-out slice of D_aux (fixed draw)."""
-        unet = unet_shell(self.cfg, self.data.channels, self.data.num_classes,
-                          self.data.image_size)
-        set_weights(unet, self.unet_weights)
+        unet = self.unet_with(self.unet_weights)
         images, labels = self.aux_val
         return denoising_loss(unet, self.scheduler, images, labels,
                               seed=derive_seed(self.cfg.seed, "aux-loss"), device=self.device)
