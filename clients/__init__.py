@@ -15,6 +15,7 @@ from flwr.common import (Code, EvaluateIns, EvaluateRes, FitIns, FitRes, Paramet
                          ndarrays_to_parameters, parameters_to_ndarrays)
 
 from clients.classifier_client import TRAINING_SETS, ClassifierClient, ProximalClassifierClient
+from clients.collafuse_client import CollaFuseClient, CollaFuseGenerationClient
 from clients.data_client import DataClient
 from clients.diffusion_client import DiffusionClient
 from clients.local import LocalData, NodeConfigError, SyntheticStore
@@ -94,6 +95,7 @@ class PhaseRouter(Client):
         return EvaluateRes(OK, float(loss), n, {**metrics, **local.identity})
 
 
-__all__ = ["PHASE_CLIENTS", "TRAINING_SETS", "ClassifierClient", "DataClient",
+__all__ = ["PHASE_CLIENTS", "TRAINING_SETS", "ClassifierClient", "CollaFuseClient",
+           "CollaFuseGenerationClient", "DataClient",
            "DiffusionClient", "LocalData", "NodeConfigError", "PhaseRouter", "ProximalClassifierClient", "SDClient", "SDEditClient",
            "SyntheticStore"]

@@ -55,7 +55,7 @@ class RunConfig:
     # --- what to run
     method: str = knob("fed-diff-aug", "Algorithm from the registry METHODS in "
                        "fedgen/methods.py (which checks the name): fed-diff-aug, fedavg, "
-                       "fedddpm, fedddpm-plus, gen-fedsd, fedprox.")
+                       "fedddpm, fedddpm-plus, gen-fedsd, fedprox, collafuse.")
     arms: str = knob("real,oversample,noise,diffusion",
                      "Comma-separated arms compared on one partition (methods.md A.6).",
                      choices=ARMS, many=True)
@@ -188,6 +188,12 @@ class RunConfig:
                            choices=GENERATIONS)
     sdedit_t: int = knob(200, "SDEdit: the timestep own images are noised to (the original "
                          "used 199 of 1000); more = further from the source image.", low=1)
+    cut_ratio: str = knob("0.2", "CollaFuse (method=collafuse): cut point c of the split, "
+                          "t_c = round(c * num-train-timesteps); each client's private "
+                          "denoiser learns t <= t_c, the shared server one the rest. One "
+                          "value, or a comma list with one per client in node order; 0 = "
+                          "server only (clients send clean images), 1 = client only (nothing "
+                          "sent); the paper used 0.2.")
     sampler: str = knob("ddim", "Sampler built from the training scheduler's config.",
                         choices=SAMPLERS)
     sampling_steps: int = knob(5, "Denoising steps of the sampler (DDIM-5 beat DDIM-10 in "
@@ -271,6 +277,17 @@ class RunConfig:
         if self.sdedit_t >= self.num_train_timesteps:
             raise ConfigError(f"sdedit-t ({self.sdedit_t}) must be below num-train-timesteps "
                               f"({self.num_train_timesteps})")
+        try:
+            cuts = self.cut_ratio_list
+        except ValueError:
+            raise ConfigError(f"cut-ratio: expected comma-separated numbers in [0, 1], got "
+                              f"{self.cut_ratio!r}") from None
+        if not cuts or any(not 0.0 <= c <= 1.0 for c in cuts):
+            raise ConfigError(f"cut-ratio: expected comma-separated numbers in [0, 1], got "
+                              f"{self.cut_ratio!r}")
+        if len(cuts) not in (1, self.num_clients):
+            raise ConfigError(f"cut-ratio: {len(cuts)} values for num-clients="
+                              f"{self.num_clients}; give one, or one per client")
         if not self.sd_prompt_list or any("{}" not in t for t in self.sd_prompt_list):
             raise ConfigError(f"sd-prompts: every '|'-separated template needs {{}} for the "
                               f"class name, got {self.sd_prompts!r}")
@@ -310,6 +327,10 @@ class RunConfig:
     @property
     def sd_prompt_list(self) -> tuple[str, ...]:
         return tuple(t.strip() for t in self.sd_prompts.split("|") if t.strip())
+
+    @property
+    def cut_ratio_list(self) -> tuple[float, ...]:
+        return tuple(float(c) for c in self.cut_ratio.split(",") if c.strip())
 
     @property
     def unet_channel_list(self) -> tuple[int, ...]:
