@@ -104,10 +104,10 @@ def main(argv=None) -> int:
         print(f"| {node} | {t_c} | {int((hist[node] > 0).sum())} | {fmt(fid[0])} / "
               f"{fmt(fid[1])} / {fmt(every)} | {fd:.1f} | {fmt(row['disclosure_mse'], 1, 3)} | "
               f"{fmt(row['sent_accuracy'])} |", flush=True)
-    mean = [np.nanmean([np.nan if v is None else v for v in col]) if any(
-        v is not None for v in col) else None for col in zip(*summary)]
+    values = [[np.nan if v is None else float(v) for v in col] for col in zip(*summary)]
+    mean = [float(np.nanmean(col)) if not np.isnan(col).all() else None for col in values]
     print(f"| mean | {cuts[0] if len(set(cuts)) == 1 else 'mixed'} | | {fmt(mean[0])} / "
-          f"{fmt(mean[1])} / {fmt(mean[2])} | {mean[3]:.1f} | {fmt(mean[4], 1, 3)} | "
+          f"{fmt(mean[1])} / {fmt(mean[2])} | {fmt(mean[3], 1)} | {fmt(mean[4], 1, 3)} | "
           f"{fmt(mean[5])} |")
     return 0
 
