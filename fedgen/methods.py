@@ -12,10 +12,11 @@ from typing import Mapping
 
 from flwr.client import NumPyClient
 
-from clients import PHASE_CLIENTS, DiffusionClient, ProximalClassifierClient, SDClient
+from clients import (PHASE_CLIENTS, DiffusionClient, DifRCClassifierClient,
+                     ProximalClassifierClient, SDClient)
 from fedgen.config import ConfigError, RunConfig
-from strategies import (FedAvgReal, FedDDPM, FedDDPMPlus, FedDiffAug, FedProx, GenFedSD,
-                        PhasedFedAvg)
+from strategies import (FedAvgReal, FedDDPM, FedDDPMPlus, FedDiffAug, FedDifRC, FedProx,
+                        GenFedSD, PhasedFedAvg)
 
 # FedDDPM's extra phase: each client trains its local DDPM once (the same client class).
 LOCAL_DDPM_CLIENTS = {**PHASE_CLIENTS, "local-ddpm": DiffusionClient}
@@ -44,6 +45,10 @@ METHODS: dict[str, Method] = {
     "fedprox": Method(FedProx, "FedProx: every arm of fed-diff-aug with the drift term "
                                "proximal-mu on the classifier's local loss (Li et al. 2020)",
                       {**PHASE_CLIENTS, "classify": ProximalClassifierClient}),
+    "feddifrc": Method(FedDifRC, "FedDifRC: every arm of fed-diff-aug with NDCR + TDCL on the "
+                                 "classifier's embedding, toward Stable Diffusion decoder "
+                                 "features from sd-model-path (methods.md E)",
+                       {**PHASE_CLIENTS, "classify": DifRCClassifierClient}),
 }
 
 
