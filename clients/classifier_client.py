@@ -148,7 +148,9 @@ class DifRCClassifierClient(ClassifierClient):
     the order it holds them (:func:`fedgen.difrc.node_targets`: built with the local
     ``sd-model-path`` pipeline on first use, then read from ``difrc-cache-dir``); the
     PCA sample comes from the data set the node loaded (the run's, or its site folder).
-    Rows after the node's own images (synthetic or copied) get no diffusion term.
+    Rows after the node's own images (synthetic or copied) get no diffusion term. With
+    ``difrc-feature-source=ddpm`` the representation model is the run's DDPM, read from
+    the folder the fit config names (``difrc-ddpm``).
     """
 
     def loss_hooks(self, model, config: dict) -> list[LossHook]:
@@ -157,7 +159,7 @@ class DifRCClassifierClient(ClassifierClient):
         w_tdcl = float(config.get("difrc-tdcl-weight", 0.0))
         if not (w_ndcr or w_tdcl):
             return hooks
-        targets, dev = self.targets(), self.local.device
+        targets, dev = self.targets(config), self.local.device
         if w_ndcr:
             hooks.append(ndcr_hook(torch.as_tensor(targets.r_d, device=dev), w_ndcr))
         if w_tdcl:
@@ -166,9 +168,15 @@ class DifRCClassifierClient(ClassifierClient):
                                    w_tdcl))
         return hooks
 
-    def targets(self) -> Targets:
+    def targets(self, config: dict) -> Targets:
+        """This node's targets; with difrc-feature-source=ddpm from the DDPM the server
+        saved (fit config ``difrc-ddpm``)."""
         loc = self.local
-        return node_targets(Settings.from_config(loc.cfg), loc.images, loc.labels,
+        if loc.cfg.difrc_feature_source == "ddpm" and not config.get("difrc-ddpm"):
+            raise ValueError("difrc-feature-source=ddpm: the fit config names no saved DDPM "
+                             "(difrc-ddpm)")
+        settings = Settings.from_config(loc.cfg, str(config.get("difrc-ddpm", "")))
+        return node_targets(settings, loc.images, loc.labels,
                             reference=(loc.data.train_x, loc.data.train_y),
                             classes=loc.data.classes, device=loc.device,
                             cache_dir=loc.cfg.difrc_cache_dir)

@@ -32,6 +32,7 @@ SERVER_OPTS = ("fedavg", "fedavgm", "fedadam")
 GENERATIONS = ("sample", "sdedit")
 SD_WHERE = ("clients", "server")
 TDCL_FORMS = ("per-sample", "batch-pooled")
+FEATURE_SOURCES = ("sd", "ddpm")
 
 
 class ConfigError(ValueError):
@@ -234,6 +235,13 @@ class RunConfig:
                                 "(per-sample InfoNCE, batch mean) or batch-pooled (the "
                                 "released code's form: one InfoNCE over the batch, negatives "
                                 "misaligned; for comparison).", choices=TDCL_FORMS)
+    difrc_feature_source: str = knob("sd", "FedDifRC: the representation model: sd (the "
+                                     "Stable Diffusion pipeline at sd-model-path, as in the "
+                                     "paper) or ddpm (the run's own federated class-"
+                                     "conditional DDPM, saved by the server after the "
+                                     "diffusion phase and read by the nodes from its out-dir; "
+                                     "the class label replaces the prompt; a shared disk, "
+                                     "i.e. the simulation).", choices=FEATURE_SOURCES)
     difrc_cache_dir: str = knob("", "FedDifRC: cache of the PCA bases and every node's "
                                 "targets, so a rerun does not load the pipeline; empty = "
                                 "~/.cache/fedgen/difrc.")

@@ -18,7 +18,12 @@ components (layers 1 / 2 / 3), and each component is pooled over space by its L2
 result is non-negative, and it grows with the map's size); the three parts concatenate
 to 512-d. A layer with fewer channels than its width (the tiny test pipeline), or
 missing (a UNet with fewer than four up-blocks), keeps what exists and is zero-padded,
-so the fused vector is always 512-d. The released code fits its PCA per batch (faiss)
+so the fused vector is always 512-d.
+
+``difrc-feature-source=ddpm`` (:class:`DDPMFeaturizer`) puts the run's own federated
+class-conditional DDPM in the pipeline's place (pixels instead of VAE latents, the class
+label instead of the prompt), with the same fusion, cache and losses, so the method runs
+where no Stable Diffusion weights exist. The released code fits its PCA per batch (faiss)
 and reads layer 2 twice (``s3 = nsd_fea2...``); here each layer's basis is fitted ONCE,
 with scikit-learn's ``PCA`` (centred, like faiss' ``PCAMatrix``), on a seeded sample of
 ``difrc-pca-sample`` images of the data set the node loaded (the run's data set; a site
@@ -83,12 +88,23 @@ class Settings:
     pca_sample: int
     prompt: str
     seed: int
+    source: str = "sd"          # "sd" (sd-model-path) or "ddpm" (the run's saved DDPM)
+    model_digest: str = ""      # of the DDPM's weights: one folder name, many runs
 
     @classmethod
-    def from_config(cls, cfg: RunConfig) -> "Settings":
-        return cls(str(Path(cfg.sd_model_path).expanduser().resolve()), cfg.difrc_resolution,
-                   cfg.feature_t, cfg.difrc_negatives, cfg.difrc_pca_sample, cfg.difrc_prompt,
-                   cfg.seed)
+    def from_config(cls, cfg: RunConfig, ddpm_path: str = "") -> "Settings":
+        """The run's settings; ``ddpm_path``: the saved DDPM (difrc-feature-source=ddpm)."""
+        source = cfg.difrc_feature_source
+        path = ddpm_path if source == "ddpm" else cfg.sd_model_path
+        root = Path(path).expanduser().resolve()
+        digest = _folder_digest(root / "unet") if source == "ddpm" else ""
+        return cls(str(root), cfg.difrc_resolution, cfg.feature_t, cfg.difrc_negatives,
+                   cfg.difrc_pca_sample, cfg.difrc_prompt, cfg.seed, source, digest)
+
+    def featurizer(self, classes: Sequence[str], device: torch.device) -> "Featurizer":
+        if self.source == "ddpm":
+            return DDPMFeaturizer(self.model_path, classes, device)
+        return SDFeaturizer(self.model_path, classes, self.prompt, self.resolution, device)
 
 
 @dataclass
@@ -99,15 +115,67 @@ class Targets:
 
 
 # ---------------------------------------------------------------------- the UNet
-class SDFeaturizer:
-    """Up-block features of a local Stable Diffusion pipeline, loaded on first use."""
+class Featurizer:
+    """Up-block features of a representation model (a UNet and its noise schedule),
+    loaded on first use. Subclasses say how images become the UNet's input
+    (:meth:`encode`) and how a class conditions it (:meth:`condition`)."""
+
+    def __init__(self, classes: Sequence[str], device: torch.device):
+        self.classes, self.device = list(classes), device
+        self.unet_calls = 0
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    @property
+    def scheduler(self):
+        raise NotImplementedError
+
+    def encode(self, images: np.ndarray) -> torch.Tensor:
+        raise NotImplementedError
+
+    def condition(self, classes: torch.Tensor) -> dict:
+        raise NotImplementedError
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    @torch.no_grad()
+    def layers(self, latents: torch.Tensor, classes: np.ndarray, t: int,
+               noise: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        """Up-block outputs {layer: (B, C, h, w)} for inputs noised to ``t`` (with
+        ``noise``; none at t = 0) under the conditions of ``classes`` (one per row)."""
+        unet = self.unet
+        steps = torch.full((len(latents),), t, dtype=torch.long, device=self.device)
+        if noise is not None and t > 0:
+            latents = self.scheduler.add_noise(latents, noise.to(latents), steps)
+        cond = self.condition(torch.as_tensor(classes, device=self.device))
+        return _hooked(unet, lambda: unet(latents, steps, **cond), self)
+
+
+def _to_rgb_at(images: np.ndarray, size: int, channels: int, device) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float in [-1, 1] with ``channels`` (grayscale repeated to 3),
+    resized to ``size`` (antialiased bilinear)."""
+    x = torch.as_tensor(images, dtype=torch.float32, device=device) / 255.0
+    if x.shape[1] != channels:
+        x = x.repeat(1, 3, 1, 1) if x.shape[1] == 1 and channels == 3 else \
+            x.mean(1, keepdim=True)
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear",
+                                            antialias=True, align_corners=False)
+    return x * 2 - 1
+
+
+class SDFeaturizer(Featurizer):
+    """A local Stable Diffusion pipeline: VAE latents, the class's prompt as condition."""
 
     def __init__(self, model_path: str, classes: Sequence[str], prompt: str, resolution: int,
                  device: torch.device):
-        self.model_path, self.classes, self.prompt = model_path, list(classes), prompt
-        self.resolution, self.device = resolution, device
+        super().__init__(classes, device)
+        self.model_path, self.prompt, self.resolution = model_path, prompt, resolution
         self._pipe, self._embeds = None, None
-        self.unet_calls = 0
 
     @property
     def pipe(self):
@@ -116,43 +184,72 @@ class SDFeaturizer:
                 self._pipe = load_pipeline(self.model_path, self.device, method="feddifrc")
         return self._pipe
 
+    @property
+    def unet(self):
+        return self.pipe.unet
+
+    @property
+    def scheduler(self):
+        return self.pipe.scheduler
+
     @torch.no_grad()
     def encode(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 (N, C, H, W) -> scaled VAE latents: grayscale to 3 channels, resized to
-        ``resolution``, in [-1, 1]; the posterior mean (not a sample: no random draw)."""
-        x = torch.as_tensor(images, dtype=torch.float32, device=self.device) / 255.0
-        if x.shape[1] == 1:
-            x = x.repeat(1, 3, 1, 1)
-        if x.shape[-1] != self.resolution or x.shape[-2] != self.resolution:
-            x = torch.nn.functional.interpolate(x, size=(self.resolution, self.resolution),
-                                                mode="bilinear", antialias=True,
-                                                align_corners=False)
+        """uint8 (N, C, H, W) -> scaled VAE latents of the images in RGB at ``resolution``;
+        the posterior mean (not a sample: no random draw)."""
         vae = self.pipe.vae
-        return vae.encode(x * 2 - 1).latent_dist.mean * vae.config.scaling_factor
+        x = _to_rgb_at(images, self.resolution, 3, self.device)
+        return vae.encode(x).latent_dist.mean * vae.config.scaling_factor
 
-    def embeds(self) -> torch.Tensor:
-        """Every class's prompt embedding (C, 77, D), encoded once."""
-        if self._embeds is None:
+    def condition(self, classes: torch.Tensor) -> dict:
+        if self._embeds is None:   # every class's prompt embedding (C, 77, D), once
             prompts = [self.prompt.format(c) for c in self.classes]
             with torch.no_grad():
                 self._embeds = self.pipe.encode_prompt(prompts, self.device, 1, False)[0]
-        return self._embeds
+        return {"encoder_hidden_states": self._embeds[classes]}
+
+
+class DDPMFeaturizer(Featurizer):
+    """The run's own class-conditional DDPM (``difrc-feature-source=ddpm``): a diffusers
+    ``UNet2DModel`` + scheduler saved by the server after the diffusion phase
+    (``<out>/ddpm``). Pixels are its input (no VAE), at its own size and channels; the
+    class label replaces the prompt. Its UNet has as many up-blocks as ``unet-channels``
+    has entries: with the default two, only layer 1 exists (the rest is zero-padded)."""
+
+    def __init__(self, model_path: str, classes: Sequence[str], device: torch.device):
+        super().__init__(classes, device)
+        self.model_path = model_path
+        self._unet, self._scheduler = None, None
+
+    def _load(self) -> None:
+        from diffusers import DDPMScheduler, UNet2DModel
+
+        root = Path(self.model_path)
+        if not (root / "unet" / "config.json").is_file():
+            raise FileNotFoundError(
+                f"difrc-feature-source=ddpm: no saved DDPM at {root} (the server writes "
+                f"<out>/ddpm after the diffusion phase; nodes must see that folder)")
+        with _LOAD_LOCK:
+            self._unet = UNet2DModel.from_pretrained(root / "unet").to(self.device).eval()
+            self._scheduler = DDPMScheduler.from_pretrained(root / "scheduler")
 
     @property
-    def num_train_timesteps(self) -> int:
-        return int(self.pipe.scheduler.config.num_train_timesteps)
+    def unet(self):
+        if self._unet is None:
+            self._load()
+        return self._unet
 
-    @torch.no_grad()
-    def layers(self, latents: torch.Tensor, classes: np.ndarray, t: int,
-               noise: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
-        """Up-block outputs {layer: (B, C, h, w)} for latents noised to ``t`` (with
-        ``noise``; none at t = 0) under the prompts of ``classes`` (one per row)."""
-        unet = self.pipe.unet
-        steps = torch.full((len(latents),), t, dtype=torch.long, device=self.device)
-        if noise is not None and t > 0:
-            latents = self.pipe.scheduler.add_noise(latents, noise.to(latents), steps)
-        emb = self.embeds()[torch.as_tensor(classes, device=self.device)]
-        return _hooked(unet, lambda: unet(latents, steps, encoder_hidden_states=emb), self)
+    @property
+    def scheduler(self):
+        if self._scheduler is None:
+            self._load()
+        return self._scheduler
+
+    def encode(self, images: np.ndarray) -> torch.Tensor:
+        c = self.unet.config
+        return _to_rgb_at(images, int(c.sample_size), int(c.in_channels), self.device)
+
+    def condition(self, classes: torch.Tensor) -> dict:
+        return {"class_labels": classes}
 
 
 def _hooked(unet, forward, counter) -> dict[int, torch.Tensor]:
@@ -200,7 +297,7 @@ def fit_pca(rows: np.ndarray, width: int, seed: int) -> tuple[np.ndarray, np.nda
     return pca.mean_.astype(np.float32), pca.components_.astype(np.float32)
 
 
-def fit_basis(feat: SDFeaturizer, images: np.ndarray, labels: np.ndarray, s: Settings,
+def fit_basis(feat: Featurizer, images: np.ndarray, labels: np.ndarray, s: Settings,
               batch_size: int) -> Basis:
     """Per kind and layer, the PCA of the pixel vectors of ``images`` (the sample): at most
     ``PCA_ROWS / len(images)`` seeded pixel positions of each image and layer."""
@@ -246,7 +343,7 @@ def negatives(labels: np.ndarray, num_classes: int, k: int, seed: int) -> np.nda
     return slots
 
 
-def compute_targets(feat: SDFeaturizer, basis: Basis, images: np.ndarray, labels: np.ndarray,
+def compute_targets(feat: Featurizer, basis: Basis, images: np.ndarray, labels: np.ndarray,
                     s: Settings, tag: str, batch_size: int) -> Targets:
     slots = negatives(labels, len(feat.classes), s.negatives,
                       derive_seed(s.seed, "difrc-negatives", tag))
@@ -268,7 +365,7 @@ def compute_targets(feat: SDFeaturizer, basis: Basis, images: np.ndarray, labels
 def node_targets(s: Settings, images: np.ndarray, labels: np.ndarray, *,
                  reference: tuple[np.ndarray, np.ndarray], classes: Sequence[str],
                  device: torch.device, cache_dir: str | Path = "", batch_size: int = 32,
-                 featurizer: SDFeaturizer | None = None) -> Targets:
+                 featurizer: Featurizer | None = None) -> Targets:
     """This node's targets for ``images`` (in their order), from the cache when there.
 
     ``reference``: the data set the PCA sample is drawn from (the run's, or a site's own
@@ -276,7 +373,7 @@ def node_targets(s: Settings, images: np.ndarray, labels: np.ndarray, *,
     """
     root = Path(cache_dir).expanduser() if str(cache_dir) else default_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
-    feat = featurizer or SDFeaturizer(s.model_path, classes, s.prompt, s.resolution, device)
+    feat = featurizer or s.featurizer(classes, device)
     sample = _pca_sample(reference, s)
     bkey = {"version": VERSION, **asdict(s), "classes": list(classes),
             "sample": _digest(*sample)}
@@ -296,7 +393,7 @@ def node_targets(s: Settings, images: np.ndarray, labels: np.ndarray, *,
         return out
 
 
-def _basis(path: Path, feat: SDFeaturizer, sample, s: Settings, batch_size: int) -> Basis:
+def _basis(path: Path, feat: Featurizer, sample, s: Settings, batch_size: int) -> Basis:
     with FileLock(str(path) + ".lock"):
         cached = _load(path)
         if cached is not None:
@@ -309,7 +406,7 @@ def _basis(path: Path, feat: SDFeaturizer, sample, s: Settings, batch_size: int)
         return basis
 
 
-def _check_t(feat: SDFeaturizer, s: Settings) -> None:
+def _check_t(feat: Featurizer, s: Settings) -> None:
     if s.feature_t >= feat.num_train_timesteps:
         raise ValueError(f"feature-t={s.feature_t} must be below the pipeline's "
                          f"num_train_timesteps ({feat.num_train_timesteps})")
@@ -334,6 +431,14 @@ def _digest(*arrays: np.ndarray) -> str:
         h.update(f"{a.dtype}{a.shape}".encode())
         h.update(a.tobytes())
     return h.hexdigest()[:24]
+
+
+def _folder_digest(folder: Path) -> str:
+    """Digest of a saved model's weight files ("" when there are none yet)."""
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:24] if folder.is_dir() else ""
 
 
 def _hash(key: dict) -> str:

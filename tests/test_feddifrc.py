@@ -288,3 +288,26 @@ def test_feddifrc_end_to_end_hooks_change_the_classifier_updates(tmp_path, sd_pa
         assert metrics["ndcr"] > 0 and metrics["tdcl"] > 0               # the hooks ran
         assert "ndcr" not in metrics2
     assert len(list((tmp_path / "difrc").glob("targets-*.npz"))) == 3
+
+
+def test_feddifrc_on_the_runs_own_ddpm_needs_no_stable_diffusion(tmp_path, small_folder):
+    """difrc-feature-source=ddpm: the federated DDPM (saved after the diffusion phase,
+    which now runs for arms=real too) is the representation model."""
+    with pytest.raises(ConfigError, match="needs a DDPM"):
+        method_for(tiny_config(tmp_path, method="feddifrc", difrc_feature_source="ddpm",
+                               diffusion_rounds=0, arms="real"))
+    cfg = tiny_config(tmp_path, method="feddifrc", difrc_feature_source="ddpm", arms="real",
+                      dataset="imagefolder", data_dir=str(small_folder), image_size=8,
+                      test_fraction=0.25, partitioning="iid", difrc_negatives=2,
+                      difrc_pca_sample=32, difrc_cache_dir=str(tmp_path / "difrc"))
+    strategy, proxies = run_in_process(cfg)
+    assert [p.name for p in strategy.phases] == ["stats", "diffusion", "classify:real"]
+    fit = [i for i in proxies[0].received if i.config["phase"] == "classify"][0]
+    assert fit.config["difrc-ddpm"] == str((tmp_path / "out" / "ddpm").resolve())
+    for _, _, metrics in _classify_updates(proxies):
+        assert metrics["ndcr"] > 0 and metrics["tdcl"] > 0
+    (target, *_) = sorted((tmp_path / "difrc").glob("targets-*.npz"))
+    with np.load(target) as f:
+        r_d = f["r_d"]
+    # the run's UNet ("8,16"): up-block 1 only, 8 channels; zero-padded to 512
+    assert r_d.shape[1] == 512 and (r_d[:, :8] != 0).any() and (r_d[:, 8:] == 0).all()
