@@ -18,22 +18,22 @@ components (layers 1 / 2 / 3), and each component is pooled over space by its L2
 result is non-negative, and it grows with the map's size); the three parts concatenate
 to 512-d. A layer with fewer channels than its width (the tiny test pipeline), or
 missing (a UNet with fewer than four up-blocks), keeps what exists and is zero-padded,
-so the fused vector is always 512-d.
+so the fused vector is always 512-d. The released code fits its PCA per batch (faiss)
+and reads layer 2 twice (``s3 = nsd_fea2...``); here each layer's basis is fitted ONCE,
+with scikit-learn's ``PCA`` (centred, like faiss' ``PCAMatrix``), on a seeded sample of
+``difrc-pca-sample`` images of the data set the node loaded (the run's data set; a site
+node's own folder), on about :data:`PCA_ROWS` pixel vectors in all; one basis per target
+kind (noisy ``t = feature-t`` features for ``r_d``, clean ``t = 0`` features for
+``r_c``: their statistics differ).
 
 ``difrc-feature-source=ddpm`` (:class:`DDPMFeaturizer`) puts the run's own federated
 class-conditional DDPM in the pipeline's place (pixels instead of VAE latents, the class
 label instead of the prompt), with the same fusion, cache and losses, so the method runs
-where no Stable Diffusion weights exist. The released code fits its PCA per batch (faiss)
-and reads layer 2 twice (``s3 = nsd_fea2...``); here each layer's basis is fitted ONCE,
-with scikit-learn's ``PCA`` (centred, like faiss' ``PCAMatrix``), on a seeded sample of
-``difrc-pca-sample`` images of the data set the node loaded (the run's data set; a site
-node's own folder), at most :data:`PCA_ROWS` pixel vectors in all; one basis per target
-kind (noisy ``t = feature-t`` features for ``r_d``, clean ``t = 0`` features for
-``r_c``: their statistics differ).
+where no Stable Diffusion weights exist.
 
-Both are cached under ``difrc-cache-dir`` (default ``~/.cache/fedgen/difrc``), each file
-written atomically (temporary file + rename) under a file lock, so nodes starting at
-once compute a basis once:
+Bases and targets are cached under ``difrc-cache-dir`` (default
+``~/.cache/fedgen/difrc``), each file written atomically (temporary file + rename) under a
+file lock, so nodes starting at once compute a basis once:
 
 * ``basis-<digest>.npz``: the PCA means and components, keyed by the pipeline folder, the
   feature settings, the seed and the digest of the sample images and labels;
@@ -69,8 +69,7 @@ log = logging.getLogger(__name__)
 LAYERS = (1, 2, 3)          # up-blocks read (paper: layer 0's resolution is too low)
 WIDTHS = (256, 128, 128)    # PCA components kept per layer
 FUSED = sum(WIDTHS)         # 512, the ResNet-18 embedding's width
-PCA_ROWS = 65536            # pixel vectors a basis is fitted on, at most
-KINDS = ("noise", "text")   # r_d's features (t = feature-t) and r_c's (t = 0)
+PCA_ROWS = 65536            # pixel vectors a basis is fitted on (about)
 VERSION = 1                 # bump when the features change, so old caches are not read
 # diffusers' from_pretrained is not thread-safe (its empty-weights init patches torch
 # globally; two loads at once fail on meta tensors): one load at a time per process.
@@ -384,7 +383,7 @@ def node_targets(s: Settings, images: np.ndarray, labels: np.ndarray, *,
         if cached is not None:
             return Targets(cached["r_d"], cached["r_c"], cached["slots"])
         _check_t(feat, s)
-        basis = _basis(root / f"basis-{_hash(bkey)}.npz", feat, sample, s, batch_size)
+        basis = _basis(root, bkey, feat, sample, s, batch_size)
         t0 = time.perf_counter()
         out = compute_targets(feat, basis, images, labels, s, tkey["images"], batch_size)
         _save(path, {**asdict(out), "key": np.array(json.dumps(tkey))})
@@ -393,14 +392,16 @@ def node_targets(s: Settings, images: np.ndarray, labels: np.ndarray, *,
         return out
 
 
-def _basis(path: Path, feat: Featurizer, sample, s: Settings, batch_size: int) -> Basis:
+def _basis(root: Path, key: dict, feat: Featurizer, sample, s: Settings,
+           batch_size: int) -> Basis:
+    path = root / f"basis-{_hash(key)}.npz"
     with FileLock(str(path) + ".lock"):
         cached = _load(path)
         if cached is not None:
             return {k: v for k, v in cached.items() if k != "key"}
         t0 = time.perf_counter()
         basis = fit_basis(feat, *sample, s, batch_size)
-        _save(path, {**basis, "key": np.array(path.stem)})
+        _save(path, {**basis, "key": np.array(json.dumps(key))})
         log.info("FedDifRC PCA basis from %d images in %.1f s -> %s", len(sample[0]),
                  time.perf_counter() - t0, path)
         return basis
