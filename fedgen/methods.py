@@ -13,10 +13,11 @@ from typing import Mapping
 from flwr.client import NumPyClient
 
 from clients import (PHASE_CLIENTS, CollaFuseClient, CollaFuseGenerationClient,
-                     DiffusionClient, ProximalClassifierClient, SDClient)
+                     DiffusionClient, DifRCClassifierClient, ProximalClassifierClient,
+                     SDClient)
 from fedgen.config import ConfigError, RunConfig
-from strategies import (CollaFuse, FedAvgReal, FedDDPM, FedDDPMPlus, FedDiffAug, FedProx, GenFedSD,
-                        PhasedFedAvg)
+from strategies import (CollaFuse, FedAvgReal, FedDDPM, FedDDPMPlus, FedDiffAug, FedDifRC,
+                        FedProx, GenFedSD, PhasedFedAvg)
 
 # FedDDPM's extra phase: each client trains its local DDPM once (the same client class).
 LOCAL_DDPM_CLIENTS = {**PHASE_CLIENTS, "local-ddpm": DiffusionClient}
@@ -50,6 +51,10 @@ METHODS: dict[str, Method] = {
                                    "above it; clients finish their own deficits (methods.md D)",
                         {**PHASE_CLIENTS, "collafuse": CollaFuseClient,
                          "collafuse-generation": CollaFuseGenerationClient}),
+    "feddifrc": Method(FedDifRC, "FedDifRC: every arm of fed-diff-aug with NDCR + TDCL on the "
+                                 "classifier's embedding, toward Stable Diffusion decoder "
+                                 "features from sd-model-path (methods.md E)",
+                       {**PHASE_CLIENTS, "classify": DifRCClassifierClient}),
 }
 
 
