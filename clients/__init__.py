@@ -14,7 +14,9 @@ from flwr.client import Client, NumPyClient
 from flwr.common import (Code, EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, Status,
                          ndarrays_to_parameters, parameters_to_ndarrays)
 
-from clients.classifier_client import TRAINING_SETS, ClassifierClient, ProximalClassifierClient
+from clients.classifier_client import (TRAINING_SETS, ClassifierClient, DifRCClassifierClient,
+                                       ProximalClassifierClient)
+from clients.collafuse_client import CollaFuseClient, CollaFuseGenerationClient
 from clients.data_client import DataClient
 from clients.diffusion_client import DiffusionClient
 from clients.local import LocalData, NodeConfigError, SyntheticStore
@@ -94,6 +96,7 @@ class PhaseRouter(Client):
         return EvaluateRes(OK, float(loss), n, {**metrics, **local.identity})
 
 
-__all__ = ["PHASE_CLIENTS", "TRAINING_SETS", "ClassifierClient", "DataClient",
+__all__ = ["PHASE_CLIENTS", "TRAINING_SETS", "ClassifierClient", "CollaFuseClient",
+           "CollaFuseGenerationClient", "DataClient", "DifRCClassifierClient",
            "DiffusionClient", "LocalData", "NodeConfigError", "PhaseRouter", "ProximalClassifierClient", "SDClient", "SDEditClient",
            "SyntheticStore"]

@@ -7,12 +7,14 @@ import logging
 from typing import Callable
 
 import numpy as np
+import torch
 from flwr.client import NumPyClient
 
 from clients.local import LocalData
 from fedgen.balancing import fill_to_max, noise_fill, oversample
 from fedgen.classifier import LossHook, evaluate, train_classifier
-from fedgen.losses import proximal
+from fedgen.difrc import Settings, Targets, node_targets
+from fedgen.losses import ndcr_hook, proximal, tdcl_hook
 from fedgen.models import classifier_shell, get_weights, set_weights
 from fedgen.seeds import derive_seed
 
@@ -99,11 +101,14 @@ class ClassifierClient(NumPyClient):
         images, labels = self.training_sets[arm](loc, arm)
         model = classifier_shell(cfg, loc.data.channels, loc.data.num_classes)
         set_weights(model, parameters)
+        hooks = self.loss_hooks(model, config)
         stats = train_classifier(model, images, labels, epochs=int(config["epochs"]),
                                  batch_size=int(config["batch-size"]), lr=float(config["lr"]),
                                  momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                  seed=loc.seed(int(config["seed"])), device=loc.device,
-                                 loss_hooks=self.loss_hooks(model, config))
+                                 loss_hooks=hooks)
+        for hook in hooks:   # hooks that keep their mean value report it (losses.TermHook)
+            stats.update(getattr(hook, "metrics", dict)())
         return get_weights(model), len(labels), {**stats, "samples": len(labels)}
 
     def evaluate(self, parameters, config):
@@ -132,3 +137,46 @@ class ProximalClassifierClient(ClassifierClient):
     def loss_hooks(self, model, config: dict) -> list[LossHook]:
         mu = float(config.get("proximal-mu", 0.0))
         return [*super().loss_hooks(model, config), *([proximal(model, mu)] if mu > 0 else [])]
+
+
+class DifRCClassifierClient(ClassifierClient):
+    """FedDifRC's client (Wang et al. 2025, methods.md E): the same loop, plus NDCR and
+    TDCL on the penultimate embedding against this node's diffusion targets.
+
+    Fit config: ``difrc-ndcr-weight``, ``difrc-tdcl-weight`` (0 = that term off),
+    ``difrc-tau``, ``difrc-tdcl-form``. The targets belong to the node's own images, in
+    the order it holds them (:func:`fedgen.difrc.node_targets`: built with the local
+    ``sd-model-path`` pipeline on first use, then read from ``difrc-cache-dir``); the
+    PCA sample comes from the data set the node loaded (the run's, or its site folder).
+    Rows after the node's own images (synthetic or copied) get no diffusion term. With
+    ``difrc-feature-source=ddpm`` the representation model is the run's DDPM, read from
+    the folder the fit config names (``difrc-ddpm``).
+    """
+
+    def loss_hooks(self, model, config: dict) -> list[LossHook]:
+        hooks = super().loss_hooks(model, config)
+        w_ndcr = float(config.get("difrc-ndcr-weight", 0.0))
+        w_tdcl = float(config.get("difrc-tdcl-weight", 0.0))
+        if not (w_ndcr or w_tdcl):
+            return hooks
+        targets, dev = self.targets(config), self.local.device
+        if w_ndcr:
+            hooks.append(ndcr_hook(torch.as_tensor(targets.r_d, device=dev), w_ndcr))
+        if w_tdcl:
+            hooks.append(tdcl_hook(torch.as_tensor(targets.r_c, device=dev),
+                                   float(config["difrc-tau"]), str(config["difrc-tdcl-form"]),
+                                   w_tdcl))
+        return hooks
+
+    def targets(self, config: dict) -> Targets:
+        """This node's targets; with difrc-feature-source=ddpm from the DDPM the server
+        saved (fit config ``difrc-ddpm``)."""
+        loc = self.local
+        if loc.cfg.difrc_feature_source == "ddpm" and not config.get("difrc-ddpm"):
+            raise ValueError("difrc-feature-source=ddpm: the fit config names no saved DDPM "
+                             "(difrc-ddpm)")
+        settings = Settings.from_config(loc.cfg, str(config.get("difrc-ddpm", "")))
+        return node_targets(settings, loc.images, loc.labels,
+                            reference=(loc.data.train_x, loc.data.train_y),
+                            classes=loc.data.classes, device=loc.device,
+                            cache_dir=loc.cfg.difrc_cache_dir)

@@ -12,8 +12,13 @@ import numpy as np
 import torch
 
 from fedgen.data import to_float
+from fedgen.models import penultimate
 
-# hook(model, batch) -> scalar tensor; classifier batches hold "images", "labels", "logits".
+# hook(model, batch) -> scalar tensor. Classifier batches hold "images", "labels",
+# "logits", "index" (LongTensor, on the training device: the rows of the ``images`` array
+# given to train_classifier that make up the batch, so a hook can look up per-sample
+# targets) and "features" (the penultimate embedding z, the input of the ResNet's ``fc``,
+# in the autograd graph; None for a model without ``fc``).
 LossHook = Callable[[torch.nn.Module, dict], torch.Tensor]
 
 
@@ -30,21 +35,23 @@ def train_classifier(model: torch.nn.Module, images: np.ndarray, labels: np.ndar
                           weight_decay=weight_decay)
     model.to(device).train()
     total, steps = 0.0, 0
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x_all), generator=gen).split(batch_size):
-            if len(idx) < 2 and len(x_all) >= 2:
-                continue  # BatchNorm cannot train on a batch of one
-            x, y = x_all[idx.to(device)], y_all[idx.to(device)]
-            logits = model(x)
-            loss = torch.nn.functional.cross_entropy(logits, y)
-            batch = dict(images=x, labels=y, logits=logits)
-            for hook in loss_hooks:
-                loss = loss + hook(model, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item()
-            steps += 1
+    with penultimate(model) as z:
+        for _ in range(epochs):
+            for idx in torch.randperm(len(x_all), generator=gen).split(batch_size):
+                if len(idx) < 2 and len(x_all) >= 2:
+                    continue  # BatchNorm cannot train on a batch of one
+                idx = idx.to(device)
+                x, y = x_all[idx], y_all[idx]
+                logits = model(x)
+                loss = torch.nn.functional.cross_entropy(logits, y)
+                batch = dict(images=x, labels=y, logits=logits, index=idx, features=z.value)
+                for hook in loss_hooks:
+                    loss = loss + hook(model, batch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.item()
+                steps += 1
     return {"loss": total / max(steps, 1), "steps": steps}
 
 

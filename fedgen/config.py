@@ -31,6 +31,8 @@ EVALUATIONS = ("server", "clients", "both")
 SERVER_OPTS = ("fedavg", "fedavgm", "fedadam")
 GENERATIONS = ("sample", "sdedit")
 SD_WHERE = ("clients", "server")
+TDCL_FORMS = ("per-sample", "batch-pooled")
+FEATURE_SOURCES = ("sd", "ddpm")
 
 
 class ConfigError(ValueError):
@@ -55,7 +57,7 @@ class RunConfig:
     # --- what to run
     method: str = knob("fed-diff-aug", "Algorithm from the registry METHODS in "
                        "fedgen/methods.py (which checks the name): fed-diff-aug, fedavg, "
-                       "fedddpm, fedddpm-plus, gen-fedsd, fedprox.")
+                       "fedddpm, fedddpm-plus, gen-fedsd, fedprox, collafuse, feddifrc.")
     arms: str = knob("real,oversample,noise,diffusion",
                      "Comma-separated arms compared on one partition (methods.md A.6).",
                      choices=ARMS, many=True)
@@ -166,8 +168,9 @@ class RunConfig:
     stall_patience: int = knob(2, "FedDDPM+: after this many stalled rounds in a row, one "
                                "correction (then the count restarts).", low=1)
     # --- Gen-FedSD (methods.md B): a pretrained text-to-image pipeline fills the gaps
-    sd_model_path: str = knob("", "Gen-FedSD: local folder of a Stable Diffusion pipeline "
-                              "(diffusers save_pretrained layout); nothing is downloaded.")
+    sd_model_path: str = knob("", "Gen-FedSD and FedDifRC: local folder of a Stable "
+                              "Diffusion pipeline (diffusers save_pretrained layout); nothing "
+                              "is downloaded.")
     sd_prompts: str = knob("a photo of a {}.|a black and white photo of a {}.|a low "
                            "resolution photo of a {}.|a close-up photo of a {}.|a blurry "
                            "photo of a {}.", "Gen-FedSD: '|'-separated prompt templates, {} "
@@ -194,6 +197,12 @@ class RunConfig:
                            choices=GENERATIONS)
     sdedit_t: int = knob(200, "SDEdit: the timestep own images are noised to (the original "
                          "used 199 of 1000); more = further from the source image.", low=1)
+    cut_ratio: str = knob("0.2", "CollaFuse (method=collafuse): cut point c of the split, "
+                          "t_c = round(c * num-train-timesteps); each client's private "
+                          "denoiser learns t <= t_c, the shared server one the rest. One "
+                          "value, or a comma list with one per client in node order; 0 = "
+                          "server only (clients send clean images), 1 = client only (nothing "
+                          "sent); the paper used 0.2.")
     sampler: str = knob("ddim", "Sampler built from the training scheduler's config.",
                         choices=SAMPLERS)
     sampling_steps: int = knob(5, "Denoising steps of the sampler (DDIM-5 beat DDIM-10 in "
@@ -215,6 +224,39 @@ class RunConfig:
     proximal_mu: float = knob(0.01, "FedProx (method=fedprox): mu of the drift term "
                               "mu/2 ||w - w_global||^2 on the classifier's local loss (Li et "
                               "al. 2020 tried 0.001-1); other methods ignore it.", low=0.0)
+    # --- FedDifRC (methods.md E): Stable Diffusion decoder features regularise the classifier
+    feature_t: int = knob(150, "FedDifRC: timestep the NDCR target's latent is noised to "
+                          "(the paper's best of its sweep).", low=0)
+    difrc_resolution: int = knob(224, "FedDifRC: pixels the task images are resized to "
+                                 "before the VAE (224 in the paper).", low=8)
+    difrc_negatives: int = knob(10, "FedDifRC: negative class prompts per image for TDCL "
+                                "(all other classes when there are fewer; a seeded choice "
+                                "per image otherwise).", low=1)
+    difrc_pca_sample: int = knob(512, "FedDifRC: images of the data set (seeded sample) the "
+                                 "per-layer PCA bases are fitted on, once.", low=1)
+    difrc_prompt: str = knob("a photo of a {}", "FedDifRC: prompt template, {} = the class "
+                             "name (class-names).")
+    difrc_tau: float = knob(0.06, "FedDifRC: temperature of the TDCL InfoNCE over cosine "
+                            "similarities.", low=0.0, low_open=True)
+    difrc_ndcr_weight: float = knob(1.0, "FedDifRC: weight of the NDCR term (KL divergence "
+                                    "between the softmaxes of the L2-normalised target r_d "
+                                    "and embedding z); 0 = off.", low=0.0)
+    difrc_tdcl_weight: float = knob(1.0, "FedDifRC: weight of the TDCL term; 0 = off.",
+                                    low=0.0)
+    difrc_tdcl_form: str = knob("per-sample", "FedDifRC: TDCL as the paper's eq. 11 "
+                                "(per-sample InfoNCE, batch mean) or batch-pooled (the "
+                                "released code's form: one InfoNCE over the batch, negatives "
+                                "misaligned; for comparison).", choices=TDCL_FORMS)
+    difrc_feature_source: str = knob("sd", "FedDifRC: the representation model: sd (the "
+                                     "Stable Diffusion pipeline at sd-model-path, as in the "
+                                     "paper) or ddpm (the run's own federated class-"
+                                     "conditional DDPM, saved by the server after the "
+                                     "diffusion phase and read by the nodes from its out-dir; "
+                                     "the class label replaces the prompt; a shared disk, "
+                                     "i.e. the simulation).", choices=FEATURE_SOURCES)
+    difrc_cache_dir: str = knob("", "FedDifRC: cache of the PCA bases and every node's "
+                                "targets, so a rerun does not load the pipeline; empty = "
+                                "~/.cache/fedgen/difrc.")
     classifier_stem: str = knob("cifar", "ResNet-18 stem: cifar (3x3, stride 1, no "
                                 "max-pool) or imagenet (compat).", choices=STEMS)
     classifier_norm: str = knob("group", "ResNet-18 normalisation: group (GroupNorm, robust "
@@ -277,9 +319,23 @@ class RunConfig:
         if self.sdedit_t >= self.num_train_timesteps:
             raise ConfigError(f"sdedit-t ({self.sdedit_t}) must be below num-train-timesteps "
                               f"({self.num_train_timesteps})")
+        try:
+            cuts = self.cut_ratio_list
+        except ValueError:
+            raise ConfigError(f"cut-ratio: expected comma-separated numbers in [0, 1], got "
+                              f"{self.cut_ratio!r}") from None
+        if not cuts or any(not 0.0 <= c <= 1.0 for c in cuts):
+            raise ConfigError(f"cut-ratio: expected comma-separated numbers in [0, 1], got "
+                              f"{self.cut_ratio!r}")
+        if len(cuts) not in (1, self.num_clients):
+            raise ConfigError(f"cut-ratio: {len(cuts)} values for num-clients="
+                              f"{self.num_clients}; give one, or one per client")
         if not self.sd_prompt_list or any("{}" not in t for t in self.sd_prompt_list):
             raise ConfigError(f"sd-prompts: every '|'-separated template needs {{}} for the "
                               f"class name, got {self.sd_prompts!r}")
+        if self.difrc_prompt.count("{}") != 1:
+            raise ConfigError(f"difrc-prompt: the template needs one {{}} for the class "
+                              f"name, got {self.difrc_prompt!r}")
         if self.beta_end <= self.beta_start:
             raise ConfigError(f"beta-end ({self.beta_end}) must exceed beta-start "
                               f"({self.beta_start})")
@@ -316,6 +372,10 @@ class RunConfig:
     @property
     def sd_prompt_list(self) -> tuple[str, ...]:
         return tuple(t.strip() for t in self.sd_prompts.split("|") if t.strip())
+
+    @property
+    def cut_ratio_list(self) -> tuple[float, ...]:
+        return tuple(float(c) for c in self.cut_ratio.split(",") if c.strip())
 
     @property
     def unet_channel_list(self) -> tuple[int, ...]:

@@ -30,7 +30,8 @@ def train_ddpm(unet: UNet2DModel, scheduler: SchedulerMixin, images: np.ndarray,
                labels: np.ndarray, *, epochs: int, batch_size: int, lr: float, seed: int,
                device: torch.device, loss_hooks: Sequence[LossHook] = (),
                cfg_dropout: float = 0.0, min_snr_gamma: float = 0.0,
-               max_steps: int = 0) -> dict:
+               max_steps: int = 0, t_range: tuple[int, int] | None = None,
+               source_t: int | None = None) -> dict:
     """Train ``unet`` in place with the epsilon-prediction loss; returns loss and steps.
 
     ``max_steps`` > 0 trains exactly that many optimiser steps instead of ``epochs``
@@ -40,12 +41,21 @@ def train_ddpm(unet: UNet2DModel, scheduler: SchedulerMixin, images: np.ndarray,
     label is replaced by the null class with that probability, so the same UNet also
     learns the unconditional score that classifier-free guidance needs (Ho & Salimans 2022).
     With ``min_snr_gamma`` > 0 the per-sample loss is weighted by :func:`min_snr_weights`.
+
+    ``t_range`` = (lo, hi) draws timesteps from [lo, hi) instead of [0, T) (CollaFuse's
+    split: a client's private model learns t <= its cut, the server's the rest).
+    ``source_t``: ``images`` are float arrays ALREADY noised to that timestep (what a
+    CollaFuse client sends); they are noised further with q(x_t | x_s) and the loss is
+    the weighted denoising score matching of :func:`bridge_noise`, whose minimiser is the
+    same noise predictor as with clean images.
     """
     gen = torch.Generator().manual_seed(seed)
-    x_all = to_float(images).to(device)
+    x_all = (torch.as_tensor(images).float() if source_t is not None
+             else to_float(images)).to(device)
     y_all = torch.as_tensor(labels, dtype=torch.long).to(device)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr)
     T = scheduler.config.num_train_timesteps
+    lo, hi = t_range or (0, T)
     unet.to(device).train()
     null = null_class(unet)
     weights = min_snr_weights(scheduler, min_snr_gamma).to(device) if min_snr_gamma > 0 else None
@@ -58,12 +68,16 @@ def train_ddpm(unet: UNet2DModel, scheduler: SchedulerMixin, images: np.ndarray,
                 break
             clean, y = x_all[idx.to(device)], y_all[idx.to(device)]
             noise = torch.randn(clean.shape, generator=gen).to(device)
-            t = torch.randint(0, T, (len(idx),), generator=gen).to(device)
+            t = torch.randint(lo, hi, (len(idx),), generator=gen).to(device)
             if cfg_dropout > 0:
                 drop = (torch.rand(len(idx), generator=gen) < cfg_dropout).to(device)
                 y = torch.where(drop, torch.full_like(y, null), y)
-            noisy = scheduler.add_noise(clean, noise, t)  # q(x_t | x_0), Ho et al. eq. 4
-            pred = unet(noisy, t, class_labels=y).sample
+            if source_t is None:
+                noisy = scheduler.add_noise(clean, noise, t)  # q(x_t | x_0), Ho et al. eq. 4
+                pred = unet(noisy, t, class_labels=y).sample
+            else:
+                noisy, scale = bridge_noise(scheduler, clean, noise, t, source_t)
+                pred = unet(noisy, t, class_labels=y).sample * scale
             if weights is None:
                 loss = torch.nn.functional.mse_loss(pred, noise)  # L_simple, Ho et al. eq. 14
             else:
@@ -79,6 +93,26 @@ def train_ddpm(unet: UNet2DModel, scheduler: SchedulerMixin, images: np.ndarray,
             losses.append(loss.item())
             steps += 1
     return {"loss": float(np.mean(losses[-max(1, steps // max(epochs, 1)):])), "steps": steps}
+
+
+def bridge_noise(scheduler: SchedulerMixin, x_s: torch.Tensor, noise: torch.Tensor,
+                 t: torch.Tensor, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise ``x_s`` (images at timestep ``s``) on to timesteps ``t`` > s, and the factor
+    that turns the epsilon loss into denoising score matching from x_s.
+
+    x_t = sqrt(a) x_s + sqrt(1 - a) noise with a = abar_t / abar_s is q(x_t | x_s). The
+    server never sees x_0, so it cannot form the usual target (x_t - sqrt(abar_t) x_0) /
+    sqrt(1 - abar_t); but the score of q(x_t) is also E[grad log q(x_t | x_s) | x_t]
+    (Vincent 2011: x_0 -> x_s -> x_t is Markov), and for an epsilon predictor that reads
+    eps*(x_t) = sqrt(1 - abar_t) / sqrt(1 - a) * E[noise | x_t]. Regressing
+    ``pred * scale`` on ``noise`` with scale = sqrt((1 - a) / (1 - abar_t)) has that
+    minimiser (the weighting per t changes no per-t optimum and keeps the targets at unit
+    variance). At t = s the scale is 0 (no signal): train on t > s.
+    """
+    abar = scheduler.alphas_cumprod.to(x_s.device)
+    a = (abar[t] / abar[s]).view(-1, *([1] * (x_s.dim() - 1)))
+    scale = ((1 - a) / (1 - abar[t].view_as(a))).sqrt()
+    return a.sqrt() * x_s + (1 - a).sqrt() * noise, scale
 
 
 @torch.no_grad()
@@ -115,32 +149,42 @@ def min_snr_weights(scheduler: SchedulerMixin, gamma: float) -> torch.Tensor:
 @torch.no_grad()
 def sample(unet: UNet2DModel, sampler: SchedulerMixin, labels: np.ndarray, *, steps: int,
            seed: int, device: torch.device, batch_size: int = 500,
-           progress: bool = True, guidance_scale: float = 1.0) -> np.ndarray:
+           progress: bool = True, guidance_scale: float = 1.0,
+           window: tuple[int, int] | None = None, start: np.ndarray | None = None,
+           raw: bool = False) -> np.ndarray:
     """Class-conditional samples for ``labels`` as uint8 (N, C, H, W); seeded.
 
     ``guidance_scale`` w != 1: classifier-free guidance, eps = eps_u + w (eps_c - eps_u),
     with eps_u the prediction for the null class (one batched pass of twice the size).
+
+    Split sampling (CollaFuse): ``window`` = (lo, hi) runs only the sampler's timesteps t
+    with lo < t <= hi; ``start`` (float, N x C x H x W) replaces the pure noise it starts
+    from; ``raw`` returns the float array where it stopped instead of uint8 images.
     """
     gen = torch.Generator().manual_seed(seed)
     c, s = unet.config.in_channels, unet.config.sample_size
     unet.to(device).eval()
     labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     if len(labels_t) == 0:
-        return np.zeros((0, c, s, s), dtype=np.uint8)
+        return np.zeros((0, c, s, s), dtype=np.float32 if raw else np.uint8)
     out = []
     chunks = labels_t.split(batch_size)
     # disable=None: a bar on a terminal, nothing in logs and pipes
     bar = tqdm(total=len(chunks) * steps, desc="sampling", unit="step",
                disable=None if progress else True, leave=False)
+    first = 0
     for y in chunks:
         sampler.set_timesteps(steps)  # also resets multistep solvers' history
-        x = torch.randn((len(y), c, s, s), generator=gen).to(device)
+        x = torch.randn((len(y), c, s, s), generator=gen).to(device) if start is None else \
+            torch.as_tensor(start[first:first + len(y)]).float().to(device)
+        first += len(y)
         y = y.to(device)
         for t in sampler.timesteps:
-            eps = guided_eps(unet, x, t, y, guidance_scale)
-            x = sampler.step(eps, t, x, generator=gen).prev_sample
+            if window is None or window[0] < int(t) <= window[1]:
+                eps = guided_eps(unet, x, t, y, guidance_scale)
+                x = sampler.step(eps, t, x, generator=gen).prev_sample
             bar.update()
-        out.append(to_uint8(x))
+        out.append(x.cpu().numpy().astype(np.float32) if raw else to_uint8(x))
     bar.close()
     return np.concatenate(out)
 

@@ -12,10 +12,12 @@ from typing import Mapping
 
 from flwr.client import NumPyClient
 
-from clients import PHASE_CLIENTS, DiffusionClient, ProximalClassifierClient, SDClient
+from clients import (PHASE_CLIENTS, CollaFuseClient, CollaFuseGenerationClient,
+                     DiffusionClient, DifRCClassifierClient, ProximalClassifierClient,
+                     SDClient)
 from fedgen.config import ConfigError, RunConfig
-from strategies import (FedAvgReal, FedDDPM, FedDDPMPlus, FedDiffAug, FedProx, GenFedSD,
-                        PhasedFedAvg)
+from strategies import (CollaFuse, FedAvgReal, FedDDPM, FedDDPMPlus, FedDiffAug, FedDifRC,
+                        FedProx, GenFedSD, PhasedFedAvg)
 
 # FedDDPM's extra phase: each client trains its local DDPM once (the same client class).
 LOCAL_DDPM_CLIENTS = {**PHASE_CLIENTS, "local-ddpm": DiffusionClient}
@@ -44,6 +46,15 @@ METHODS: dict[str, Method] = {
     "fedprox": Method(FedProx, "FedProx: every arm of fed-diff-aug with the drift term "
                                "proximal-mu on the classifier's local loss (Li et al. 2020)",
                       {**PHASE_CLIENTS, "classify": ProximalClassifierClient}),
+    "collafuse": Method(CollaFuse, "CollaFuse: split-learning DDPM, a private client "
+                                   "denoiser below cut-ratio and one shared server denoiser "
+                                   "above it; clients finish their own deficits (methods.md D)",
+                        {**PHASE_CLIENTS, "collafuse": CollaFuseClient,
+                         "collafuse-generation": CollaFuseGenerationClient}),
+    "feddifrc": Method(FedDifRC, "FedDifRC: every arm of fed-diff-aug with NDCR + TDCL on the "
+                                 "classifier's embedding, toward Stable Diffusion decoder "
+                                 "features from sd-model-path (methods.md E)",
+                       {**PHASE_CLIENTS, "classify": DifRCClassifierClient}),
 }
 
 

@@ -9,9 +9,10 @@ BatchNorm here has a fixed momentum).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -117,6 +118,38 @@ def build_classifier(cfg: RunConfig, channels: int, num_classes: int,
         model.conv1 = torch.nn.Conv2d(channels, 64, kernel_size=7, stride=2, padding=3,
                                       bias=False)
     return model
+
+
+class Captured:
+    """What :func:`penultimate` captured in the latest forward pass (``value``)."""
+
+    value: torch.Tensor | None = None
+
+
+@contextlib.contextmanager
+def penultimate(model: torch.nn.Module) -> Iterator[Captured]:
+    """Capture the penultimate embedding z (the input of ``model.fc``) of every forward
+    pass while the context is open, through a forward pre-hook on ``fc`` (removed on
+    exit); z stays in the autograd graph, so losses on it train the feature extractor.
+
+    ResNet-18's z is already 512-d (its global-average-pooled last stage), the width of
+    FedDifRC's fused diffusion targets, so no projection layer is needed for 512-d targets.
+    A model without an ``fc`` layer captures nothing (``value`` stays None).
+    """
+    captured = Captured()
+    fc = getattr(model, "fc", None)
+    if not isinstance(fc, torch.nn.Module):
+        yield captured
+        return
+
+    def grab(module: torch.nn.Module, inputs: tuple) -> None:
+        captured.value = torch.flatten(inputs[0], 1)
+
+    handle = fc.register_forward_pre_hook(grab)
+    try:
+        yield captured
+    finally:
+        handle.remove()
 
 
 _SHELLS = threading.local()

@@ -37,13 +37,13 @@ class SDModelError(ConfigError):
     """``sd-model-path`` does not hold a loadable Stable Diffusion pipeline."""
 
 
-def check_sd_path(path: str | Path) -> Path:
+def check_sd_path(path: str | Path, method: str = "gen-fedsd") -> Path:
     """The folder, if it holds every part of a pipeline; else an error naming the parts
-    missing."""
+    missing (and ``method``, the method that needs it, when none is given)."""
     if not str(path):
-        raise SDModelError("sd-model-path: method gen-fedsd needs a local Stable Diffusion "
-                           "pipeline folder (diffusers save_pretrained layout); nothing is "
-                           "downloaded")
+        raise SDModelError(f"sd-model-path: method {method} needs a local Stable Diffusion "
+                           f"pipeline folder (diffusers save_pretrained layout); nothing is "
+                           f"downloaded")
     root = Path(path).expanduser()
     if not root.is_dir():
         raise SDModelError(f"sd-model-path={path}: no such folder (expected a Stable "
@@ -59,9 +59,9 @@ def check_sd_path(path: str | Path) -> Path:
     return root
 
 
-def load_pipeline(path: str | Path, device: torch.device):
+def load_pipeline(path: str | Path, device: torch.device, method: str = "gen-fedsd"):
     """A StableDiffusionPipeline from a checked local folder, on ``device``, quiet."""
-    root = check_sd_path(path)
+    root = check_sd_path(path, method)
     try:
         from diffusers import StableDiffusionPipeline
         pipe = StableDiffusionPipeline.from_pretrained(   # float32, on every device
@@ -182,11 +182,14 @@ def sd_batch(cfg: RunConfig, node, counts: np.ndarray, classes, channels: int,
                          pipe=pipe)
 
 
-def build_tiny_pipeline(path: str | Path, seed: int = 0) -> Path:
+def build_tiny_pipeline(path: str | Path, seed: int = 0,
+                        unet_channels: Sequence[int] = (32, 64)) -> Path:
     """A complete, randomly initialised, tiny Stable Diffusion pipeline saved at ``path``
     (4-6 MB; UNet2DConditionModel with cross-attention 32, a 2-block VAE, a 2-layer CLIP
     text encoder, a character-level CLIP tokenizer, DDIM): to try the plumbing with no
-    weights at hand, and for the tests. Its images are noise."""
+    weights at hand, and for the tests. Its images are noise. ``unet_channels``: the
+    UNet's block widths (multiples of 32), one level per entry, cross-attention in all
+    but the highest resolution (four levels give FedDifRC's up-blocks 1-3 as SD has)."""
     import string
 
     from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
@@ -211,9 +214,10 @@ def build_tiny_pipeline(path: str | Path, seed: int = 0) -> Path:
         pad_token_id=1))
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-        norm_num_groups=32)
+        block_out_channels=tuple(unet_channels),
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(unet_channels) - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (len(unet_channels) - 1) + ("UpBlock2D",),
+        cross_attention_dim=32, norm_num_groups=32)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
                         block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32,

@@ -110,7 +110,7 @@ class FedDiffAug(PhasedFedAvg):
         if phase.kind != "generation" and phase.kind == self.generation_kind():
             pid = self.partition_of.get(client.cid)
             counts = self.client_plan.get(pid, np.zeros(self.data.num_classes, np.int64))
-            return ndarrays_to_parameters(self.client_payload(counts))
+            return ndarrays_to_parameters(self.client_payload(counts, pid))
         if phase.kind != "generation":
             return parameters
         pid = self.partition_of.get(client.cid)
@@ -124,9 +124,9 @@ class FedDiffAug(PhasedFedAvg):
         the classes it holds."""
         return {k: present_only(d, self.histograms[k]) for k, d in plan.items()}
 
-    def client_payload(self, counts: np.ndarray) -> list[np.ndarray]:
-        """What a client that makes its own batch receives: its counts and (SDEdit) the
-        sampling weights of the global UNet."""
+    def client_payload(self, counts: np.ndarray, key) -> list[np.ndarray]:
+        """What client ``key`` receives when it makes its own batch: its counts and
+        (SDEdit) the sampling weights of the global UNet."""
         if not self.edit_weights:
             self.edit_weights = get_weights(self.global_unet())
         return [counts, *self.edit_weights]

@@ -48,7 +48,7 @@ class GenFedSD(FedDiffAug):
         """A text-to-image model can make every class, absent ones included."""
         return plan
 
-    def client_payload(self, counts: np.ndarray) -> list[np.ndarray]:
+    def client_payload(self, counts: np.ndarray, key) -> list[np.ndarray]:
         return [counts]   # with the class names of the fit config: all a client needs
 
     def generate(self, plan: dict) -> dict[int, Batch]:

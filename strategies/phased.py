@@ -164,7 +164,8 @@ class PhasedFedAvg(FedAvg):
         sent = parameters if phase.sends_weights else EMPTY
         clients = self.select_clients(phase, server_round, client_manager)
         self.roster.asked("fit", server_round, clients)
-        messages = [(client, FitIns(self.payload_for(phase, client, sent), dict(config)))
+        messages = [(client, FitIns(self.payload_for(phase, client, sent),
+                                    self.config_for(phase, client, dict(config))))
                     for client in clients]
         self._sent_weights = parameters_to_ndarrays(sent) if phase.sends_weights else None
         self._sent_bytes[("fit", server_round)] = {c.cid: payload_bytes(ins.parameters)
@@ -389,6 +390,12 @@ class PhasedFedAvg(FedAvg):
                     ) -> Parameters:
         """What one client receives; the default is the same for every client."""
         return parameters
+
+    def config_for(self, phase: Phase, client: ClientProxy, config: dict[str, Scalar]
+                   ) -> dict[str, Scalar]:
+        """One client's fit config (a copy of the round's :meth:`fit_config`); the default
+        is the same for every client, CollaFuse adds the client's cut point."""
+        return config
 
     def aggregate_weights(self, results: Results, uniform: bool = False) -> list[np.ndarray]:
         """Sample-weighted FedAvg of the clients' arrays (``uniform``: plain mean)."""
