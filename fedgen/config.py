@@ -84,6 +84,12 @@ class RunConfig:
     min_fit_fraction: float = knob(0.5, "Share of a round's sampled nodes whose replies it "
                                    "needs; fewer fails the run with a clear message.",
                                    low=0.0, high=1.0, low_open=True)
+    max_update_norm_ratio: float = knob(10.0, "A client's weight update whose norm "
+                                        "||w_client - w_sent|| exceeds this multiple of the "
+                                        "round's median update norm is rejected (recorded "
+                                        "in results.json, left out of the average), as are "
+                                        "updates with NaN/Inf or wrong shapes; 0 = no norm "
+                                        "rule.", low=0.0)
     round_timeout: float = knob(0.0, "Seconds a round waits for replies before counting the "
                                 "missing nodes as timed out (0 = no limit).", low=0.0)
     node_wait_timeout: float = knob(120.0, "Seconds the first round waits for num-clients "

@@ -119,6 +119,37 @@ class Recorder:
                      "client_seconds": round(train.get("client_seconds", 0.0), 3), **extra})
         self.save()
 
+    def log_rejection(self, phase: str, rnd: int, server_round: int, node: str,
+                      reason: str) -> None:
+        """A client update left out of the aggregate by the sanity checks."""
+        self.results.setdefault("rejected", []).append({
+            "phase": phase, "round": rnd, "server_round": server_round, "node": node,
+            "reason": reason})
+        self.save()
+
+    def log_traffic(self, kind: str, phase: str, rnd: int, server_round: int,
+                    nodes: dict[str, tuple[int, int]]) -> None:
+        """Bytes of arrays sent to (down) and back from (up) each node in one round, and
+        the running totals per phase (results.json ``communication``)."""
+        comm = self.results.setdefault("communication", {
+            "unit": "bytes of the arrays in the messages (serialised numpy; configs and "
+                    "Flower's framing not counted)", "rounds": [], "phases": {},
+            "total": {"down": 0, "up": 0}})
+        comm["rounds"].append({"kind": kind, "phase": phase, "round": rnd,
+                               "server_round": server_round,
+                               "nodes": {n: {"down": d, "up": u} for n, (d, u) in nodes.items()}})
+        down, up = sum(d for d, _ in nodes.values()), sum(u for _, u in nodes.values())
+        entry = comm["phases"].setdefault(f"{phase} ({kind})", {
+            "rounds": 0, "messages": 0, "down": 0, "up": 0})
+        entry["rounds"] += 1
+        entry["messages"] += len(nodes)
+        entry["down"] += down
+        entry["up"] += up
+        entry["per_client_round"] = {"down": round(entry["down"] / max(entry["messages"], 1)),
+                                     "up": round(entry["up"] / max(entry["messages"], 1))}
+        comm["total"]["down"] += down
+        comm["total"]["up"] += up
+
     def set_section(self, name: str, value: dict) -> None:
         """A method's own section of results.json (e.g. FedDDPM's ``auxiliary``)."""
         self.results[name] = value

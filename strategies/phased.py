@@ -51,6 +51,32 @@ class Phase:
         return f"{self.kind}:{self.arm}" if self.arm else self.kind
 
 
+def update_problem(arrays: list[np.ndarray], sent: list[np.ndarray] | None) -> str | None:
+    """Why a reply cannot be averaged (None if it can): non-finite values; for a weight
+    reply (``sent`` = the weights the client got) a different number or shape of arrays."""
+    if sent is not None:
+        if len(arrays) != len(sent):
+            return f"{len(arrays)} arrays, the model has {len(sent)}"
+        for i, (a, s) in enumerate(zip(arrays, sent)):
+            if a.shape != s.shape:
+                return f"array {i} has shape {a.shape}, the model's is {s.shape}"
+    for i, a in enumerate(arrays):
+        if a.dtype.kind in "fc" and not np.isfinite(a).all():
+            return f"array {i} holds NaN or Inf"
+    return None
+
+
+def update_norm(arrays: list[np.ndarray], sent: list[np.ndarray]) -> float:
+    """L2 norm of the update (reply - sent) over all floating-point arrays."""
+    return float(np.sqrt(sum(float(((a.astype(np.float64) - s) ** 2).sum())
+                             for a, s in zip(arrays, sent) if s.dtype.kind == "f")))
+
+
+def payload_bytes(parameters: Parameters) -> int:
+    """Bytes of a message's arrays as they travel (numpy's serialised form)."""
+    return sum(len(t) for t in parameters.tensors)
+
+
 class PhasedFedAvg(FedAvg):
     """FedAvg (McMahan et al., 2017) over a plan of phases, with a stats round.
 
@@ -81,6 +107,9 @@ class PhasedFedAvg(FedAvg):
         self.partition_of = self.roster.key_of        # client cid -> node key
         self._train_metrics: dict[str, float] = {}
         self._server_test: dict | None = None
+        self._sent_bytes: dict[tuple[str, int], dict[str, int]] = {}
+        self._sent_weights: list[np.ndarray] | None = None
+        self._asked: dict[int, int] = {}   # server round -> nodes asked (fit)
         self._classifier_init = get_weights(self._classifier(
             seed=derive_seed(cfg.seed, "classifier-init")))
 
@@ -135,9 +164,13 @@ class PhasedFedAvg(FedAvg):
         sent = parameters if phase.sends_weights else EMPTY
         clients = self.select_clients(phase, server_round, client_manager)
         self.roster.asked("fit", server_round, clients)
-        return [(client, FitIns(self.payload_for(phase, client, sent),
-                                self.config_for(phase, client, dict(config))))
-                for client in clients]
+        messages = [(client, FitIns(self.payload_for(phase, client, sent),
+                                    self.config_for(phase, client, dict(config))))
+                    for client in clients]
+        self._sent_weights = parameters_to_ndarrays(sent) if phase.sends_weights else None
+        self._sent_bytes[("fit", server_round)] = {c.cid: payload_bytes(ins.parameters)
+                                                   for c, ins in messages}
+        return messages
 
     def aggregate_fit(self, server_round: int, results: Results,
                       failures: list) -> Aggregated:
@@ -146,8 +179,64 @@ class PhasedFedAvg(FedAvg):
         # Results arrive in completion order; summing float32 weights in that order made
         # reruns of one seed drift apart (76.1 vs 77.8 % on one arm). Node order is fixed.
         results = sorted(results, key=lambda r: self.partition_order(r[0]))
+        self.log_traffic("fit", server_round, results)
+        results = self.screen(server_round, results)
         self._train_metrics = self.train_summary(results)
         return self.aggregators()[phase.kind](phase, rnd, results)
+
+    def log_traffic(self, kind: str, server_round: int, results: list) -> None:
+        """Bytes of the arrays each node was sent and sent back this round (results.json
+        ``communication``); a node that failed counts what it was sent."""
+        phase, rnd = self.locate(server_round)
+        sent = self._sent_bytes.pop((kind, server_round), {})
+        replies = {c.cid: payload_bytes(r.parameters) for c, r in results
+                   if hasattr(r, "parameters")}
+        nodes = {self.roster.label(cid): (down, replies.get(cid, 0))
+                 for cid, down in sent.items()}
+        self.recorder.log_traffic(kind, phase.name, rnd, server_round, nodes)
+
+    # Phases whose replies are new weights of the model the server sent.
+    WEIGHT_PHASES = ("classify", "diffusion", "local-ddpm")
+
+    def screen(self, server_round: int, results: Results) -> Results:
+        """Reject replies that would poison the global model: arrays with NaN/Inf (any
+        phase); for weight phases also a wrong number or shape of arrays, or an update
+        norm above ``max-update-norm-ratio`` x the round's median. Rejections are logged
+        and recorded in results.json ``rejected``; too few survivors fail the round."""
+        phase, rnd = self.locate(server_round)
+        sent = self._sent_weights if phase.kind in self.WEIGHT_PHASES else None
+        kept, norms, reasons = [], {}, {}
+        for client, res in results:
+            arrays = parameters_to_ndarrays(res.parameters)
+            reason = update_problem(arrays, sent)
+            if reason is None and sent is not None:
+                norms[client.cid] = update_norm(arrays, sent)
+            if reason:
+                reasons[client.cid] = reason
+        ratio = self.cfg.max_update_norm_ratio
+        if ratio > 0 and len(norms) > 1:
+            median = float(np.median(list(norms.values())))
+            for cid, norm in norms.items():
+                if median > 0 and norm > ratio * median:
+                    reasons[cid] = (f"update norm {norm:.3g} is {norm / median:.1f}x the "
+                                    f"round's median {median:.3g} (max-update-norm-ratio="
+                                    f"{ratio:g})")
+        for client, res in results:
+            if client.cid in reasons:
+                node = self.roster.label(client.cid)
+                self.recorder.log_rejection(phase.name, rnd, server_round, node,
+                                            reasons[client.cid])
+                log.warning("round %d (%s): rejected the update of %s: %s", server_round,
+                            phase.name, node, reasons[client.cid])
+            else:
+                kept.append((client, res))
+        asked = self._asked.get(server_round, len(results))
+        if reasons and len(kept) < needed(asked, self.cfg.min_fit_fraction):
+            self.fail(f"round {server_round} ({phase.name}): {len(kept)} of {asked} update(s) "
+                      f"survived the sanity checks, fewer than min-fit-fraction="
+                      f"{self.cfg.min_fit_fraction:g} needs; first rejection: "
+                      f"{self.roster.label(next(iter(reasons)))}: {next(iter(reasons.values()))}")
+        return kept
 
     def check_replies(self, kind: str, server_round: int, results: list, failures: list
                       ) -> None:
@@ -155,6 +244,7 @@ class PhasedFedAvg(FedAvg):
         says why, when fewer than ``min-fit-fraction`` of the nodes asked replied."""
         phase, rnd = self.locate(server_round)
         asked, failed, errors = self.roster.account(kind, server_round, results, failures)
+        self._asked[server_round] = asked
         if failed:
             self.recorder.log_failures(kind, phase.name, rnd, server_round, asked,
                                        len(results), failed, errors)
@@ -206,6 +296,8 @@ class PhasedFedAvg(FedAvg):
         clients = self.roster.members(client_manager.all().values())
         self.roster.asked("evaluate", server_round, clients)
         config = {**self.fit_config(phase, rnd, server_round), "evaluate": True}
+        self._sent_bytes[("evaluate", server_round)] = {
+            c.cid: payload_bytes(parameters) for c in clients}
         return [(c, EvaluateIns(parameters, dict(config))) for c in clients]
 
     def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]],
@@ -214,6 +306,7 @@ class PhasedFedAvg(FedAvg):
         phase, rnd = self.locate(server_round)
         self.check_replies("evaluate", server_round, results, failures)
         results = sorted(results, key=lambda r: self.partition_order(r[0]))
+        self.log_traffic("evaluate", server_round, results)
         pooled = pool_evaluations([(self.roster.label(c.cid), r.num_examples, r.loss, r.metrics)
                                    for c, r in results], self.data.num_classes)
         test = pooled if self.cfg.evaluation == "clients" else self._server_test

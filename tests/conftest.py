@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
-from flwr.common import FitRes
+import torch
+from flwr.common import FitRes, parameters_to_ndarrays
 from flwr.server.client_proxy import ClientProxy
 
 import fedgen.inprocess
@@ -48,13 +50,60 @@ class InProcessProxy(fedgen.inprocess.InProcessProxy):
 
 def run_in_process(cfg: RunConfig, nodes: list | None = None):
     """Run a whole method through flwr.server.Server with in-process clients: one per
-    partition, or one per entry of ``nodes`` (partition ids, node configs or proxies)."""
+    partition, or one per entry of ``nodes`` (partition ids, node configs or proxies).
+
+    Every run is also a privacy check: no array any client sent back may be one of its
+    own training images or a resized copy (:func:`assert_no_image_left`), except under
+    CollaFuse's cut-ratio 0, whose clients send their clean images by design."""
     strategy = build_strategy(cfg)
     nodes = list(range(cfg.num_clients)) if nodes is None else nodes
     proxies = [n if isinstance(n, ClientProxy) else InProcessProxy(f"node-{k}", cfg, n)
                for k, n in enumerate(nodes)]
-    fedgen.inprocess.run_in_process(strategy, proxies)
+    try:
+        fedgen.inprocess.run_in_process(strategy, proxies)
+    finally:
+        if not (cfg.method == "collafuse" and 0.0 in cfg.cut_ratio_list):
+            for proxy in proxies:
+                assert_no_image_left(proxy)
     return strategy, proxies
+
+
+def leaked_images(arrays: list[np.ndarray], images: np.ndarray, tol: float = 0.02) -> int:
+    """How many images in ``arrays`` are one of ``images`` (uint8 N x C x H x W) or a
+    resized copy: image-shaped arrays (4-D, the same channels, at least 4 x 4 pixels;
+    uint8 read as [0, 255], floats as [-1, 1]) are compared at the smaller of the two
+    sizes (the larger averaged down) and count when their mean squared error to one of the
+    images is below ``tol`` in [0, 1] units (a resize round trip costs ~0.012; CollaFuse's
+    images noised to the default cut are ~0.09 away)."""
+    if not len(images):
+        return 0
+    pool = torch.nn.functional.adaptive_avg_pool2d
+    own = torch.as_tensor(images, dtype=torch.float32).div(255)
+    found = 0
+    for arr in arrays:
+        if arr.ndim != 4 or arr.shape[1] != images.shape[1] or min(arr.shape[2:]) < 4 \
+                or not len(arr):
+            continue
+        x = torch.as_tensor(arr, dtype=torch.float32)
+        x = x / 255 if arr.dtype == np.uint8 else (x + 1) / 2
+        size = min(tuple(x.shape[2:]), tuple(images.shape[2:]))   # compare at the smaller
+        x = pool(x, size).flatten(1) if tuple(x.shape[2:]) != size else x.flatten(1)
+        ref = (pool(own, size) if tuple(own.shape[2:]) != size else own).flatten(1)
+        for chunk in x.split(256):
+            d = torch.cdist(chunk, ref).pow(2) / ref.shape[1]
+            found += int((d.min(1).values < tol).sum())
+    return found
+
+
+def assert_no_image_left(proxy) -> None:
+    """No reply of this in-process node carries one of its training images."""
+    local = getattr(proxy, "client", None) and proxy.client.local
+    if not hasattr(local, "images"):
+        return   # the node never loaded its data (it never got a round)
+    for reply in getattr(proxy, "replied", []):
+        arrays = parameters_to_ndarrays(reply.parameters)
+        n = leaked_images(arrays, local.images)
+        assert n == 0, f"node {local.node}: {n} of its images left it in a reply"
 
 
 @pytest.fixture(autouse=True)
