@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
+
+# Before torch loads its OpenMP runtime (here and in every subprocess a test starts, which
+# inherit the environment): threads that wait for work sleep instead of spinning. The
+# suite runs on 2 cores shared with its own subprocesses (Ray workers, SuperNodes,
+# ClientApps) and with other jobs; there, spinning OpenMP threads took a tiny DDPM epoch
+# from 1.6 s to 78 s of wall time (torch's default 2 threads, load ~9). Thread counts,
+# and so every figure a test computes, stay as they were.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import pytest
