@@ -38,7 +38,7 @@ from fedgen.seeds import derive_seed  # noqa: E402
 def private_unet(cfg: RunConfig, data, path: Path):
     unet = unet_shell(cfg, data.channels, data.num_classes, data.image_size)
     with np.load(path) as f:
-        set_weights(unet, [f[f"arr_{i}"] for i in range(len(f.files))])
+        set_weights(unet, [f[f"arr_{i}"] for i in range(len(f.files) - ("round" in f.files))])
     return unet
 
 

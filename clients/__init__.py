@@ -76,6 +76,8 @@ class PhaseRouter(Client):
         except NodeConfigError as exc:
             log.error("%s", exc)
             return FitRes(Status(Code.FIT_NOT_IMPLEMENTED, str(exc)), NO_ARRAYS, 0, {})
+        if ins.config.get("run-key"):
+            local.use_run_key(str(ins.config["run-key"]))
         start = time.perf_counter()
         weights, n, metrics = self.handler(local, ins.config).fit(
             parameters_to_ndarrays(ins.parameters), dict(ins.config))
@@ -91,6 +93,8 @@ class PhaseRouter(Client):
         except NodeConfigError as exc:
             log.error("%s", exc)
             return EvaluateRes(Status(Code.EVALUATE_NOT_IMPLEMENTED, str(exc)), 0.0, 0, {})
+        if ins.config.get("run-key"):
+            local.use_run_key(str(ins.config["run-key"]))
         loss, n, metrics = self.handler(local, ins.config).evaluate(
             parameters_to_ndarrays(ins.parameters), dict(ins.config))
         return EvaluateRes(OK, float(loss), n, {**metrics, **local.identity})

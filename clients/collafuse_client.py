@@ -16,35 +16,50 @@ from fedgen.models import (build_sampler, build_scheduler, build_unet, get_weigh
 from fedgen.seeds import derive_seed
 
 
-def private_path(local: LocalData) -> Path:
+def private_path(local: LocalData, previous: bool = False) -> Path:
     """Where a node keeps its private UNet: beside its synthetic-batch store, not in it
-    (the store is removed after the run; the private model is the node's to keep)."""
-    return local.store.root.parent / "private" / f"{local.store.root.name}-unet.npz"
+    (the store is removed after the run; the private model is the node's to keep). The
+    ``previous`` round's copy is kept too: a run killed after this node saved round r+1
+    but before the server's checkpoint of it resumes at round r+1 from round r's."""
+    name = f"{local.store.root.name}-unet{'.previous' if previous else ''}.npz"
+    return local.store.root.parent / "private" / name
 
 
-def load_private(local: LocalData, fresh: bool = False):
+def _saved_round(path: Path) -> int:
+    with np.load(path) as f:
+        return int(f["round"]) if "round" in f.files else 0
+
+
+def load_private(local: LocalData, fresh: bool = False, before: int | None = None):
     """The node's private UNet: a seeded fresh one (``fresh``: the phase's first round),
-    else the one saved after its last round."""
+    else the newest one saved after a round before ``before`` (None: the newest)."""
     cfg, data = local.cfg, local.data
     if fresh:
         return build_unet(cfg, data.channels, data.num_classes, data.image_size,
                           seed=derive_seed(cfg.seed, "private-unet", local.node))
-    path = private_path(local)
-    if not path.is_file():
-        raise FileNotFoundError(f"node {local.node}: no private CollaFuse UNet at {path}: "
-                                f"it took part in no training round of this run (or the "
-                                f"folder was removed)")
+    saved = [(_saved_round(p), p) for p in (private_path(local), private_path(local, True))
+             if p.is_file()]
+    saved = [(r, p) for r, p in saved if before is None or r < before]
+    if not saved:
+        raise FileNotFoundError(f"node {local.node}: no private CollaFuse UNet at "
+                                f"{private_path(local)}: it took part in no training round "
+                                f"of this run (or the folder was removed)")
+    path = max(saved, key=lambda s: s[0])[1]
     unet = unet_shell(cfg, data.channels, data.num_classes, data.image_size)
     with np.load(path) as f:
-        set_weights(unet, [f[f"arr_{i}"] for i in range(len(f.files))])
+        set_weights(unet, [f[f"arr_{i}"] for i in range(len(f.files) - ("round" in f.files))])
     return unet
 
 
-def save_private(local: LocalData, unet) -> None:
-    path = private_path(local)
+def save_private(local: LocalData, unet, rnd: int = 0) -> None:
+    """Save the private UNet after round ``rnd``; the copy of an earlier round becomes
+    the previous one."""
+    path, previous = private_path(local), private_path(local, previous=True)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file() and _saved_round(path) < rnd:
+        path.replace(previous)
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, *get_weights(unet))
+    np.savez(tmp, *get_weights(unet), round=np.int64(rnd))
     tmp.replace(path)
 
 
@@ -62,14 +77,15 @@ class CollaFuseClient(NumPyClient):
         t_c, seed = int(config["cut-t"]), loc.seed(int(config["seed"]))
         metrics: dict = {"cut-t": t_c}
         if client_range(t_c, cfg.num_train_timesteps) is not None:
-            unet = load_private(loc, fresh=int(config["round"]) == 1)
+            rnd = int(config["round"])
+            unet = load_private(loc, fresh=rnd == 1, before=rnd)
             stats = train_private(unet, scheduler, loc.images, loc.labels, t_c,
                                   epochs=int(config["epochs"]),
                                   batch_size=int(config["batch-size"]), lr=float(config["lr"]),
                                   seed=seed, device=loc.device,
                                   cfg_dropout=float(config.get("cfg-dropout", 0.0)),
                                   min_snr_gamma=float(config.get("min-snr-gamma", 0.0)))
-            save_private(loc, unet)
+            save_private(loc, unet, rnd)
             metrics.update(stats)
         sent = noise_to_cut(scheduler, loc.images, t_c, derive_seed(seed, "cut"))
         mse = disclosure_mse(sent, loc.images)

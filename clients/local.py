@@ -128,9 +128,21 @@ class LocalData:
             x, y, test_x, test_y = holdout(x, y, cfg.test_fraction,
                                            derive_seed(cfg.seed, "holdout", node))
         tag = f"partition-{node}" if isinstance(node, int) else f"node-{node}"
-        root = Path(cfg.cache_dir or Path(tempfile.gettempdir()) / "fedgen-cache" /
-                    f"run-{run_id}") / tag
-        return cls(cfg, node, x, y, data, device(), SyntheticStore(root), test_x, test_y)
+        return cls(cfg, node, x, y, data, device(), SyntheticStore(cache_root(cfg, run_id) / tag),
+                   test_x, test_y)
+
+    def use_run_key(self, key: str) -> None:
+        """Keep this node's cache under the server's ``run-key`` (fit config), which a
+        resumed run keeps, rather than Flower's run id, which it does not: a node that
+        still holds its batches and private models from before the crash finds them."""
+        root = cache_root(self.cfg, key) / self.store.root.name
+        if root != self.store.root:
+            self.store = SyntheticStore(root)
+
+
+def cache_root(cfg: RunConfig, run: int | str) -> Path:
+    """The run's client cache: ``cache-dir``, else a folder per run under the temp dir."""
+    return Path(cfg.cache_dir or Path(tempfile.gettempdir()) / "fedgen-cache" / f"run-{run}")
 
 
 def node_key(node_config: Mapping, num_clients: int) -> tuple[NodeKey, str]:

@@ -267,6 +267,11 @@ class RunConfig:
                         "outputs/<time>-<method>.")
     cache_dir: str = knob("", "Client-side cache of synthetic batches; empty = a folder "
                           "under the system temp dir, removed after the last round.")
+    resume_from: str = knob("", "Output folder of an interrupted run to continue from its "
+                            "last checkpoint (<folder>/checkpoint.pkl, written after every "
+                            "round); the run then writes into that folder. Every other key "
+                            "must equal the saved run's (the differing ones are named). "
+                            "run_simulation.py takes --resume DIR instead.")
 
     # ------------------------------------------------------------------ parsing
     @classmethod

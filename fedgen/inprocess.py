@@ -77,5 +77,5 @@ def run_in_process(strategy, proxies: list[ClientProxy], round_timeout: float | 
     # threads tripped a CPython 3.11 parser bug in one run ("AST constructor recursion
     # depth mismatch", a client lost for a round); sequential order is also reproducible.
     server.set_max_workers(1)
-    server.fit(strategy.num_rounds, timeout=round_timeout)
+    server.fit(strategy.flower_rounds, timeout=round_timeout)
     return strategy

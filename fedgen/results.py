@@ -43,7 +43,8 @@ def _clean(value: Any) -> Any:
 class Recorder:
     """Collects what a run measures and writes it under ``out_dir``."""
 
-    def __init__(self, out_dir: str | Path, cfg: RunConfig, classes: tuple[str, ...]):
+    def __init__(self, out_dir: str | Path, cfg: RunConfig, classes: tuple[str, ...],
+                 resuming: bool = False):
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.classes = classes
@@ -54,9 +55,28 @@ class Recorder:
         self._phase: tuple[str, float] | None = None
         self._round_start = time.perf_counter()
         self._csv = self.out / "rounds.csv"
-        with open(self._csv, "w", newline="") as fh:
-            csv.writer(fh).writerow(CSV_FIELDS)
+        if not resuming:   # a resumed run rewrites it from the checkpoint (resume)
+            with open(self._csv, "w", newline="") as fh:
+                csv.writer(fh).writerow(CSV_FIELDS)
         self._samples: tuple[np.ndarray, np.ndarray] | None = None
+
+    def resume(self, results: dict[str, Any], after_round: int) -> None:
+        """Go on with the results of a checkpoint (a resumed run): rounds.csv is written
+        again from them, the resumption is noted in ``resumed``."""
+        self.results = results
+        self.results.update(status="running", error=None)
+        self.results.setdefault("resumed", []).append(
+            {"after_round": after_round, "at": time.strftime("%Y-%m-%d %H:%M:%S")})
+        rows = sorted(((arm, h) for arm, e in results["arms"].items() for h in e["history"]),
+                      key=lambda r: r[1]["server_round"])
+        tmp = self._csv.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(CSV_FIELDS)
+            for arm, h in rows:
+                writer.writerow([arm if k == "arm" else h.get(k) for k in CSV_FIELDS])
+        os.replace(tmp, self._csv)
+        self.save()
 
     # ------------------------------------------------------------ timing
     def start_phase(self, name: str) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from flwr.common import Context
 from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 
-from fedgen import logs
+from fedgen import checkpoint, logs
 from fedgen.config import ConfigError, RunConfig
 from fedgen.data import ImageData, load_data
 from fedgen.methods import method_for
@@ -33,12 +33,20 @@ def check_server_data(cfg: RunConfig, data: ImageData) -> None:
 
 
 def build_strategy(cfg: RunConfig):
-    """The method's strategy, with the server's data and a recorder for the outputs."""
+    """The method's strategy, with the server's data and a recorder for the outputs;
+    with ``resume-from``, restored from that folder's checkpoint (whose config must equal
+    ``cfg`` but for the output folder) and writing into it."""
+    state = None
+    if cfg.resume_from:
+        cfg, state = checkpoint.resume_config(cfg.resume_from, cfg)
     out = Path(cfg.out_dir or default_out_dir(cfg)).resolve()
     cfg = cfg.replace(out_dir=str(out))
     data = load_data(cfg)
     check_server_data(cfg, data)
-    strategy = method_for(cfg).strategy(cfg, data, Recorder(out, cfg, data.classes))
+    recorder = Recorder(out, cfg, data.classes, resuming=state is not None)
+    strategy = method_for(cfg).strategy(cfg, data, recorder)
+    if state is not None:
+        strategy.restore(state)
     log.info("%s: %d rounds (%s); outputs in %s", cfg.method, strategy.num_rounds,
              ", ".join(f"{p.name}x{p.rounds}" for p in strategy.phases), out)
     return strategy
@@ -48,7 +56,7 @@ def components(cfg: RunConfig) -> ServerAppComponents:
     strategy = build_strategy(cfg)
     timeout = cfg.round_timeout or None  # 0 = no limit
     return ServerAppComponents(strategy=strategy, config=ServerConfig(
-        num_rounds=strategy.num_rounds, round_timeout=timeout))
+        num_rounds=strategy.flower_rounds, round_timeout=timeout))
 
 
 def server_fn(context: Context) -> ServerAppComponents:

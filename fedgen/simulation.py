@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedgen import logs
+from fedgen import checkpoint, logs
 from fedgen.config import ConfigError, RunConfig, load_config
 from fedgen.data import load_data
 from fedgen.methods import method_for
@@ -39,24 +39,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="ray: Flower's simulation engine, one actor per CPU (default); "
                         "inprocess: the clients run one after another in this process "
                         "(no Ray start-up; see fedgen/inprocess.py)")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue the interrupted run in DIR (its output folder) from its "
+                        "last checkpoint, with its saved config; --config/--set, if given, "
+                        "must match it")
     p.add_argument("--verbose", action="store_true", help="also show Flower's own round logs")
     return p.parse_args(argv)
 
 
 def prepare(args: argparse.Namespace) -> RunConfig:
     """Parse and check the config, the data, the partition and the output folder."""
-    cfg = load_config(args.config, args.overrides)
-    method_for(cfg)  # an unknown method fails here, before any work
+    given = load_config(args.config, args.overrides)
+    method_for(given)  # an unknown method fails here, before any work
+    if args.resume:
+        if args.out:
+            raise ConfigError("--resume DIR writes into DIR; drop --out")
+        cfg, _ = checkpoint.resume_config(
+            args.resume, given if args.config or args.overrides else None)
+        return check_run(cfg)
+    cfg = given
     if args.out:
         cfg = cfg.replace(out_dir=args.out)
     if not cfg.out_dir:
         cfg = cfg.replace(out_dir=str(default_out_dir(cfg)))
     out = Path(cfg.out_dir).resolve()
+    if cfg.resume_from:
+        raise ConfigError("resume-from is the flwr run way; run_simulation.py takes "
+                          "--resume DIR")
     if (out / "results.json").exists():
         raise ConfigError(f"output folder {out} already holds results.json; choose another "
                           f"--out (nothing was overwritten)")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
+    return check_run(cfg.replace(out_dir=str(out)))
+
+
+def check_run(cfg: RunConfig) -> RunConfig:
+    """The data, the partition and the initial UNet a run needs, checked before work."""
     data = load_data(cfg)
     if not len(data.train_y):
         raise ConfigError("the simulation partitions the server's data set among its "
@@ -67,7 +86,7 @@ def prepare(args: argparse.Namespace) -> RunConfig:
     if cfg.diffusion_init:
         from fedgen.models import load_unet
         load_unet(cfg.diffusion_init, data.channels, data.num_classes, data.image_size)
-    return cfg.replace(out_dir=str(out))
+    return cfg
 
 
 def simulate(cfg: RunConfig, verbose: bool = False, backend: str = "ray") -> dict:

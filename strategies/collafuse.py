@@ -42,6 +42,8 @@ class CollaFuse(FedDiffAug):
     """Hooks: :meth:`cut_of` (a client's cut timestep), :meth:`train_shared` (the server's
     half of a round, per cut), :meth:`client_payload` (what a client gets to finish)."""
 
+    checkpoint_attrs = ("clients_report", "server_seconds")
+
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
         if "diffusion" in cfg.arm_list and cfg.diffusion_rounds < 1:
@@ -60,8 +62,7 @@ class CollaFuse(FedDiffAug):
         if self.generative_arm not in self.arms:
             return [stats, *classify]
         return [stats, Phase("collafuse", self.cfg.diffusion_rounds),
-                Phase(self.generation_kind(), 1, arm=self.generative_arm, all_clients=True),
-                *classify]
+                self.generation_phase(), *classify]
 
     def generation_kind(self) -> str:
         return "collafuse-generation"

@@ -46,6 +46,8 @@ class FedDiffAug(PhasedFedAvg):
 
     supported_arms = ("real", "oversample", "noise", "diffusion")
     generative_arm = "diffusion"
+    checkpoint_attrs = ("unet_weights", "ema_weights", "synthetic", "client_plan",
+                        "edit_weights", "server_opt", "_judge")
 
     def __init__(self, *args, **kwargs):
         self.unet_weights: list[np.ndarray] | None = None   # the global UNet
@@ -66,8 +68,13 @@ class FedDiffAug(PhasedFedAvg):
         head = [Phase("diffusion", self.cfg.diffusion_rounds, sends_weights=True)] \
             if self.cfg.diffusion_rounds > 0 else []
         stats, *classify = super().plan()
-        return [stats, *head, Phase(self.generation_kind(), 1, arm=self.generative_arm,
-                                    all_clients=True), *classify]
+        return [stats, *head, self.generation_phase(), *classify]
+
+    def generation_phase(self) -> Phase:
+        """The one round that gives every client its batch of the generative arm (all
+        clients; replayed by a resumed run, which may run on nodes that lost theirs)."""
+        return Phase(self.generation_kind(), 1, arm=self.generative_arm, all_clients=True,
+                     replay=True)
 
     def generation_kind(self) -> str:
         """The generation round's phase: ``generation`` (the server makes every batch and
@@ -85,7 +92,7 @@ class FedDiffAug(PhasedFedAvg):
         if phase.kind == "diffusion":
             self.unet_weights = get_weights(self.build_unet())
             return self.unet_weights
-        if phase.kind == "generation":
+        if phase.kind == "generation" and not self.synthetic:   # (resumed: re-ship them)
             self.synthetic = self.generate(self.deficit_plan(self.histograms))
         elif phase.kind == self.generation_kind():   # each client makes its own batch
             self.client_plan = self.client_deficits(self.deficit_plan(self.histograms))

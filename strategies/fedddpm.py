@@ -66,6 +66,8 @@ class FedDDPM(FedDiffAug):
     """FedDiffAug with a local-DDPM phase, D_aux, and a server correction after every
     aggregation. Hooks: :meth:`should_correct` (when), :meth:`correction` (what)."""
 
+    checkpoint_attrs = ("aux_train", "aux_val", "server_seconds", "corrections")
+
     def __init__(self, *args, **kwargs):
         self.aux_train: Batch | None = None
         self.aux_val: Batch | None = None
@@ -190,6 +192,8 @@ class FedDDPM(FedDiffAug):
 class FedDDPMPlus(FedDDPM):
     """FedDDPM+: one correction only when the held-out D_aux loss stalls
     (``stall-delta``, ``stall-patience``), to spend less server compute."""
+
+    checkpoint_attrs = ("stall",)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -35,8 +35,7 @@ class GenFedSD(FedDiffAug):
         stats, *classify = PhasedFedAvg.plan(self)
         if self.generative_arm not in self.arms:
             return [stats, *classify]
-        return [stats, Phase(self.generation_kind(), 1, arm=self.generative_arm,
-                             all_clients=True), *classify]
+        return [stats, self.generation_phase(), *classify]
 
     def generation_kind(self) -> str:
         return "sd-generation" if self.cfg.sd_where == "clients" else "generation"

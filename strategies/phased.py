@@ -9,6 +9,7 @@ and register their aggregation in :meth:`PhasedFedAvg.aggregators`.
 from __future__ import annotations
 
 import logging
+import secrets
 from dataclasses import dataclass
 from typing import Callable, NoReturn
 
@@ -19,6 +20,7 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
+from fedgen import checkpoint
 from fedgen.aggregation import pool_evaluations, weighted_average
 from fedgen.classifier import evaluate
 from fedgen.config import RunConfig
@@ -45,6 +47,8 @@ class Phase:
     arm: str = ""
     sends_weights: bool = False   # does the client need the current global weights?
     all_clients: bool = False     # every client, regardless of fraction-fit
+    replay: bool = False          # leaves state on the clients that later rounds need (their
+                                  # key, a synthetic batch): a resumed run replays it first
 
     @property
     def name(self) -> str:
@@ -92,6 +96,10 @@ class PhasedFedAvg(FedAvg):
     """
 
     supported_arms: tuple[str, ...] = ("real", "oversample", "noise")
+    # Attributes that live across rounds, saved in the checkpoint after every round and
+    # restored by a resumed run; a subclass lists its own (the union over the class
+    # hierarchy is saved).
+    checkpoint_attrs: tuple[str, ...] = ("run_key",)
 
     def __init__(self, cfg: RunConfig, data: ImageData, recorder: Recorder):
         super().__init__(fraction_fit=cfg.fraction_fit, fraction_evaluate=0.0,
@@ -112,6 +120,15 @@ class PhasedFedAvg(FedAvg):
         self._asked: dict[int, int] = {}   # server round -> nodes asked (fit)
         self._classifier_init = get_weights(self._classifier(
             seed=derive_seed(cfg.seed, "classifier-init")))
+        # Names the clients' cache folders (synthetic batches, private models) for this run
+        # and its resumptions, which Flower gives new run ids.
+        self.run_key = secrets.token_hex(8)
+        self._global: Parameters | None = None   # what Flower hands the next round
+        self._done = 0                            # last finished round of a resumed run
+        self._saved_histograms: dict | None = None
+        # The server rounds Flower runs, in order: all of them; a resumed run replays the
+        # rounds that set up client state, then goes on after the checkpoint.
+        self._rounds = list(range(1, len(self.schedule) + 1))
 
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
@@ -130,13 +147,24 @@ class PhasedFedAvg(FedAvg):
 
     def plan(self) -> list[Phase]:
         """The phases of the run, in order."""
-        return [Phase("stats", 1, all_clients=True),
+        return [Phase("stats", 1, all_clients=True, replay=True),
                 *(Phase("classify", self.cfg.classifier_rounds, arm=a, sends_weights=True)
                   for a in self.arms)]
 
     @property
     def num_rounds(self) -> int:
+        """Server rounds of the whole run."""
         return len(self.schedule)
+
+    @property
+    def flower_rounds(self) -> int:
+        """Rounds Flower's loop runs: all of them, or, resumed, the replays and the rest."""
+        return len(self._rounds)
+
+    def server_round(self, flower_round: int) -> int:
+        """The run's server round of Flower's loop round ``flower_round`` (0: the initial
+        evaluation)."""
+        return self._rounds[flower_round - 1] if flower_round > 0 else 0
 
     def locate(self, server_round: int) -> tuple[Phase, int]:
         """The phase of a server round and the round number inside that phase."""
@@ -148,17 +176,22 @@ class PhasedFedAvg(FedAvg):
 
     # ------------------------------------------------------------ Flower hooks
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        if self._done:   # resumed: the global parameters of the checkpoint
+            return self._global
         first = self.phases[0]
         start = self.start_phase(first)
         return ndarrays_to_parameters(start) if start is not None else EMPTY
 
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        server_round = self.server_round(server_round)
         phase, rnd = self.locate(server_round)
         if rnd == 1 and server_round > 1:
             start = self.start_phase(phase)
             if start is not None:
                 parameters = ndarrays_to_parameters(start)
+        elif server_round == self._done + 1 and self._done:   # resumed inside a phase
+            self.recorder.start_phase(phase.name)
         self.recorder.start_round()
         config = self.fit_config(phase, rnd, server_round)
         sent = parameters if phase.sends_weights else EMPTY
@@ -174,6 +207,7 @@ class PhasedFedAvg(FedAvg):
 
     def aggregate_fit(self, server_round: int, results: Results,
                       failures: list) -> Aggregated:
+        server_round = self.server_round(server_round)
         phase, rnd = self.locate(server_round)
         self.check_replies("fit", server_round, results, failures)
         # Results arrive in completion order; summing float32 weights in that order made
@@ -271,6 +305,8 @@ class PhasedFedAvg(FedAvg):
 
     def evaluate(self, server_round: int, parameters: Parameters):
         """Centralised evaluation on the server's test split (evaluation=server/both)."""
+        self._global = parameters   # Flower calls this after every round's aggregation
+        server_round = self.server_round(server_round)
         if server_round == 0 or self.cfg.evaluation == "clients":
             return None
         phase, rnd = self.locate(server_round)
@@ -290,8 +326,10 @@ class PhasedFedAvg(FedAvg):
                            client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
         """evaluation=clients/both: every node evaluates the global classifier on its own
         held-out images after each classifier round."""
+        server_round = self.server_round(server_round)
         phase, rnd = self.locate(server_round)
         if self.cfg.evaluation == "server" or phase.kind != "classify":
+            self.end_round(server_round)   # nothing more happens in this round
             return []
         clients = self.roster.members(client_manager.all().values())
         self.roster.asked("evaluate", server_round, clients)
@@ -303,6 +341,7 @@ class PhasedFedAvg(FedAvg):
     def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]],
                            failures: list):
         """Pool the nodes' figures (sample-weighted) and log the round."""
+        server_round = self.server_round(server_round)
         phase, rnd = self.locate(server_round)
         self.check_replies("evaluate", server_round, results, failures)
         results = sorted(results, key=lambda r: self.partition_order(r[0]))
@@ -311,7 +350,55 @@ class PhasedFedAvg(FedAvg):
                                    for c, r in results], self.data.num_classes)
         test = pooled if self.cfg.evaluation == "clients" else self._server_test
         self.log_classifier_round(phase, rnd, server_round, test, pooled)
+        self.end_round(server_round)
         return pooled["loss"], {"accuracy": pooled["accuracy"]}
+
+    # ------------------------------------------------------- checkpoint/resume
+    def state_attrs(self) -> list[str]:
+        """The ``checkpoint_attrs`` of this class and every base class."""
+        names: list[str] = []
+        for cls in reversed(type(self).__mro__):
+            names += [a for a in cls.__dict__.get("checkpoint_attrs", ()) if a not in names]
+        return names
+
+    def end_round(self, server_round: int) -> None:
+        """Write the checkpoint of a finished round (``<out>/checkpoint.pkl``, atomic): the
+        state a resumed run needs to end exactly where this one would have. A replayed
+        round of a resumed run changes nothing and writes nothing."""
+        if server_round <= self._done or self.recorder.results["status"] == "failed":
+            return
+        phase, rnd = self.locate(server_round)
+        checkpoint.save(self.recorder.out, {
+            "config": self.cfg.to_mapping(), "round": server_round,
+            "rounds": self.num_rounds, "phase": phase.name, "phase_round": rnd,
+            "finished": server_round == self.num_rounds,
+            "parameters": self._global, "histograms": dict(self.histograms),
+            "state": {a: getattr(self, a) for a in self.state_attrs()},
+            "results": self.recorder.results})
+
+    def restore(self, state: dict) -> None:
+        """Continue from a checkpoint (:func:`fedgen.checkpoint.load`): its state, its
+        results, and a round list that replays the finished rounds marked ``replay`` (the
+        stats round, so that the new run's nodes are known by their keys again; a
+        generation round, so that every client holds its synthetic batch again), then runs
+        the rounds after the checkpoint."""
+        self._done = int(state["round"])
+        if state["rounds"] != self.num_rounds:
+            raise checkpoint.ConfigError(
+                f"resume: the checkpoint's run has {state['rounds']} rounds, this one "
+                f"{self.num_rounds}; the plan of the method changed")
+        self._global = state["parameters"]
+        self._saved_histograms = state["histograms"]
+        for name, value in state["state"].items():
+            setattr(self, name, value)
+        self.recorder.resume(state["results"], self._done)
+        replays = [r for r, (p, _) in enumerate(self.schedule, 1)
+                   if p.replay and r <= self._done]
+        self._rounds = replays + list(range(self._done + 1, self.num_rounds + 1))
+        phase, rnd = self.locate(self._done)
+        log.info("resuming after round %d of %d (%s round %d/%d); replaying round(s) %s",
+                 self._done, self.num_rounds, phase.name, rnd, phase.rounds,
+                 ", ".join(map(str, replays)) or "none")
 
     def log_classifier_round(self, phase: Phase, rnd: int, server_round: int, test: dict,
                              clients: dict | None = None) -> None:
@@ -341,6 +428,7 @@ class PhasedFedAvg(FedAvg):
         """Settings the clients read: what to do this round, and how."""
         config: dict[str, Scalar] = {"phase": phase.kind, "arm": phase.arm,
                                      "round": rnd, "server-round": server_round,
+                                     "run-key": self.run_key,
                                      "last-round": server_round == self.num_rounds,
                                      "class-names": ",".join(self.data.classes)}
         if phase.kind == "classify":
@@ -412,10 +500,24 @@ class PhasedFedAvg(FedAvg):
         for client, res in results:
             self.roster.report(client.cid, res.metrics)
         keys = self.roster.keys
+        if self._saved_histograms is not None:   # a resumed run: the same nodes?
+            self.check_same_nodes()
         hist = np.stack([self.histograms[k] for k in keys])
         self.recorder.set_partition(keys, hist)
         log.info("stats: %d clients, sizes %s", len(keys), hist.sum(1).tolist())
         return None, {}
+
+    def check_same_nodes(self) -> None:
+        """A resumed run must see the nodes of the checkpoint with the same labels."""
+        saved = self._saved_histograms
+        changed = [k for k in saved if k in self.histograms
+                   and not np.array_equal(saved[k], self.histograms[k])]
+        missing = [k for k in saved if k not in self.histograms]
+        if changed:
+            self.fail(f"resume: node(s) {changed} report other label counts than in the "
+                      f"checkpoint; this is not the same data")
+        if missing:
+            log.warning("resume: node(s) %s of the checkpoint did not report", missing)
 
     @staticmethod
     def train_summary(results: Results) -> dict[str, float]:
