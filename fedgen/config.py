@@ -289,6 +289,15 @@ class RunConfig:
                            "(opacus) reports each model's epsilon, composed over its rounds "
                            "with sampling rate = the share of nodes asked per round.",
                            low=0.0, high=0.1, low_open=True)
+    dp_sgd_noise_multiplier: float = knob(0.0, "Sample-level DP-SGD (opacus) of the "
+                                          "clients' DDPM training (diffusion and local-ddpm "
+                                          "phases): Poisson batches, per-image gradients "
+                                          "clipped to dp-sgd-max-grad-norm, Gaussian noise "
+                                          "of this multiplier; each client's spent epsilon "
+                                          "(at dp-delta) goes to results.json; 0 = off.",
+                                          low=0.0)
+    dp_sgd_max_grad_norm: float = knob(1.0, "DP-SGD: the per-image gradient clipping norm.",
+                                       low=0.0, low_open=True)
     dp_seeded_noise: bool = knob(False, "Draw all DP noise (histograms, updates) from the "
                                  "run seed, so runs repeat exactly: anyone who knows the seed "
                                  "can subtract the noise, so the guarantee is VOID; for "

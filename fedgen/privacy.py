@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import numpy as np
+import torch
 from flwr.supercore.differential_privacy import (add_gaussian_noise_inplace,
                                                  compute_clip_model_update, compute_stdv,
                                                  get_norm)
@@ -122,6 +123,42 @@ def private_mean(replies: Sequence[Arrays], sent: Arrays, dp: CentralDP,
                   "median_update_norm": float(np.median(norms)), "noise_std": std}
 
 
+# ------------------------------------------------------------- DP-SGD, client DDPMs
+@dataclass(frozen=True)
+class DPSGD:
+    """Sample-level DP-SGD of a client's DDPM training (opacus): per-example gradients
+    clipped to ``max_grad_norm``, Gaussian noise of std ``noise_multiplier`` x
+    ``max_grad_norm`` on their sum; ``noise_seed`` None = OS entropy."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    noise_seed: int | None = None
+
+    def attach(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               batch_size: int, device: torch.device):
+        """(opacus' GradSampleModule around ``module``, DPOptimizer around
+        ``optimizer``); call ``_close()`` on the first when training ends."""
+        try:
+            from opacus import GradSampleModule
+            from opacus.optimizers import DPOptimizer
+        except ImportError:
+            raise ImportError("DP-SGD needs opacus: pip install 'fedgen[dp]'") from None
+        seed = self.noise_seed if self.noise_seed is not None else secrets.randbits(63)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        private = DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier,
+                              max_grad_norm=self.max_grad_norm,
+                              expected_batch_size=batch_size, generator=generator)
+        return GradSampleModule(module), private
+
+
+def dp_sgd_for(cfg: RunConfig, seed: int) -> DPSGD | None:
+    """The DP-SGD settings of a client's DDPM training (None when off)."""
+    if cfg.dp_sgd_noise_multiplier == 0:
+        return None
+    return DPSGD(cfg.dp_sgd_noise_multiplier, cfg.dp_sgd_max_grad_norm,
+                 derive_seed(seed, "dp-sgd") if cfg.dp_seeded_noise else None)
+
+
 # ------------------------------------------------------------------------- accounting
 def accountant_available() -> bool:
     try:
@@ -152,9 +189,13 @@ def rdp_epsilon(events: Sequence[tuple[float, float, int]], delta: float) -> flo
 def check(cfg: RunConfig) -> None:
     """Settings no method can run with (before any work starts)."""
     noisy = any(z > 0 for _, z in cfg.central_dp.values())
-    if noisy and not accountant_available():
-        raise ConfigError("dp-noise-multiplier needs the privacy accountant: "
-                          "pip install 'fedgen[dp]' (opacus)")
+    if (noisy or cfg.dp_sgd_noise_multiplier > 0) and not accountant_available():
+        raise ConfigError(f"{'dp-noise-multiplier' if noisy else 'dp-sgd-noise-multiplier'} "
+                          f"needs opacus (the accountant, and DP-SGD): "
+                          f"pip install 'fedgen[dp]'")
+    if cfg.dp_sgd_noise_multiplier > 0 and cfg.diffusion_proximal_mu > 0:
+        raise ConfigError("dp-sgd-noise-multiplier: DP-SGD clips per-example gradients; "
+                          "the diffusion-proximal-mu drift term has none: set one to 0")
 
 
 @dataclass
@@ -166,6 +207,7 @@ class Ledger:
     models: tuple[str, ...]                 # the averaged models of this run
     not_covered: list[str] = field(default_factory=list)
     history: dict[str, list[dict]] = field(default_factory=dict)
+    dp_sgd: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
 
     def mechanism(self, model: str) -> CentralDP | None:
         if model not in self.models or model not in self.cfg.central_dp:
@@ -185,6 +227,35 @@ class Ledger:
                  "std %.3g", model, figures["updates"], figures["clipped"], dp.clipping_norm,
                  figures["median_update_norm"], figures["noise_std"])
         return mean
+
+    def record_dp_sgd(self, server_round: int, replies: dict[str, dict]) -> bool:
+        """Note each node's DP-SGD steps and sampling rate of this round (from the
+        metrics ``dp-sgd-steps``, ``dp-sgd-sample-rate`` of its reply); True if any."""
+        seen = False
+        for node, metrics in replies.items():
+            if "dp-sgd-steps" in metrics:
+                self.dp_sgd.setdefault(node, []).append(
+                    (float(metrics["dp-sgd-sample-rate"]), int(metrics["dp-sgd-steps"])))
+                seen = True
+        return seen
+
+    def dp_sgd_section(self) -> dict | None:
+        cfg = self.cfg
+        if cfg.dp_sgd_noise_multiplier == 0:
+            return None
+        z = cfg.dp_sgd_noise_multiplier
+        eps = {node: rdp_epsilon([(z, q, n) for q, n in runs], cfg.dp_delta)
+               for node, runs in self.dp_sgd.items()}
+        known = [e for e in eps.values() if e is not None]
+        return {"noise_multiplier": z, "max_grad_norm": cfg.dp_sgd_max_grad_norm,
+                "delta": cfg.dp_delta, "epsilon_by_node": eps,
+                "steps_by_node": {k: sum(n for _, n in v) for k, v in self.dp_sgd.items()},
+                "max_epsilon": max(known) if known else None,
+                "unit": "sample-level: add or remove one training image of a client, for "
+                        "everything its DDPM training released (each round's UNet)",
+                "accountant": "RDP (opacus), Poisson batches at rate batch-size / the "
+                              "client's images, composed over all its DDPM steps; the "
+                              "client-sampling amplification is not counted"}
 
     def epsilon(self, model: str) -> float | None:
         dp = self.mechanism(model)
@@ -217,6 +288,7 @@ class Ledger:
                                       "sampling at rate = nodes asked / nodes, composed "
                                       "over the model's rounds (all arms)",
                         "aggregation": "uniform mean of the clipped updates"} if on else None,
+            "dp_sgd": self.dp_sgd_section(),
             "noise": "run seed (reproducible; the guarantee is VOID)" if cfg.dp_seeded_noise
                      else "OS entropy",
             "not_covered": self.not_covered,

@@ -52,6 +52,9 @@ class CollaFuse(FedDiffAug):
                               "collafuse's clients upload images noised to their cut point "
                               "instead, which it cannot protect: name the classifier only "
                               "(dp-clipping-norm=classify=...)")
+        if "diffusion" in cfg.arm_list and cfg.dp_sgd_noise_multiplier > 0:
+            raise ConfigError("dp-sgd-noise-multiplier protects DDPM weights a client "
+                              "uploads; collafuse's clients upload noised images instead")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -85,7 +85,8 @@ class FedDDPM(FedDiffAug):
     def privacy_notes(self) -> list[str]:
         notes = super().privacy_notes()
         if any(p.kind == "local-ddpm" for p in self.phases):
-            notes.append("local-ddpm: each client's whole local DDPM, once")
+            notes.append("local-ddpm: each client's whole local DDPM, once" +
+                         (" (sample-level: DP-SGD)" if self.cfg.dp_sgd_noise_multiplier else ""))
         return notes
 
     def plan(self) -> list[Phase]:

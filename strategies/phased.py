@@ -189,6 +189,9 @@ class PhasedFedAvg(FedAvg):
         results = self.screen(server_round, results)
         self._train_metrics = self.train_summary(results)
         self._fit_round = server_round
+        if self.privacy.record_dp_sgd(server_round, {self.roster.label(c.cid): r.metrics
+                                                     for c, r in results}):
+            self.recorder.set_section("privacy", self.privacy.section())
         return self.aggregators()[phase.kind](phase, rnd, results)
 
     def log_traffic(self, kind: str, server_round: int, results: list) -> None:
@@ -431,7 +434,9 @@ class PhasedFedAvg(FedAvg):
                                 "protects the global models it releases)"]
         if cfg.histogram_epsilon == 0:
             notes.append("stats round: each client's exact label histogram")
+        sgd = " (sample-level: DP-SGD)" if cfg.dp_sgd_noise_multiplier else ""
         notes += [f"{kind}: the averaged weight updates (no dp-clipping-norm for it)"
+                  f"{sgd if kind == 'diffusion' else ''}"
                   for kind in DP_MODELS if any(p.kind == kind for p in self.phases)
                   and kind not in cfg.central_dp]
         if cfg.evaluation != "server":
