@@ -1,5 +1,6 @@
-"""Flower client for the data rounds: it reports its label histogram (the stats round)
-and keeps the synthetic batch the server ships it (the generation round)."""
+"""Flower client for the data rounds: it reports its label histogram (the stats round;
+noised under ``histogram-epsilon``) and keeps the synthetic batch the server ships it (the
+generation round)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 from flwr.client import NumPyClient
 
 from clients.local import LocalData
+from fedgen.privacy import noise_rng, noisy_histogram
 
 
 class DataClient(NumPyClient):
@@ -27,6 +29,15 @@ class DataClient(NumPyClient):
                 (self.local.images[:0], self.local.labels[:0])
             self.local.store.save(str(config["arm"]), images, labels)
             received = len(labels)
-        metrics = {"histogram": json.dumps(self.local.histogram.tolist()),
-                   "received": received}
+        metrics = {"received": received}
+        if config.get("phase") == "stats":   # once per run: a second noisy copy costs epsilon
+            metrics["histogram"] = json.dumps(self.reported_histogram().tolist())
         return [], len(self.local.labels), metrics
+
+    def reported_histogram(self):
+        """The label counts as they leave the node: with ``histogram-epsilon`` > 0, local
+        DP noise (:func:`fedgen.privacy.noisy_histogram`), drawn here, so the server
+        never sees the exact counts."""
+        cfg = self.local.cfg
+        return noisy_histogram(self.local.histogram, cfg.histogram_epsilon,
+                               noise_rng(cfg, "histogram", self.local.node))

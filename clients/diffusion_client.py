@@ -8,6 +8,7 @@ from clients.local import LocalData
 from fedgen.diffusion import LossHook, train_ddpm
 from fedgen.losses import proximal
 from fedgen.models import build_scheduler, get_weights, set_weights, unet_shell
+from fedgen.privacy import dp_sgd_for
 
 
 class DiffusionClient(NumPyClient):
@@ -16,7 +17,9 @@ class DiffusionClient(NumPyClient):
     Fit config: ``epochs`` (or ``steps``: that many optimiser steps, as FedDDPM's
     local-DDPM phase asks), ``batch-size``, ``lr``, ``seed``, ``cfg-dropout`` (label
     dropout to the null class), ``proximal-mu`` (FedProx drift term; 0 = off) and
-    ``min-snr-gamma`` (loss weighting; 0 = off).
+    ``min-snr-gamma`` (loss weighting; 0 = off). Under ``dp-sgd-noise-multiplier``
+    (the node's own run config) the loop runs DP-SGD and the reply says how many steps
+    at what sampling rate, for the server's accountant.
     """
 
     def __init__(self, local: LocalData):
@@ -39,5 +42,9 @@ class DiffusionClient(NumPyClient):
                            device=loc.device, loss_hooks=self.loss_hooks(unet, config),
                            cfg_dropout=float(config.get("cfg-dropout", 0.0)),
                            min_snr_gamma=float(config.get("min-snr-gamma", 0.0)),
-                           max_steps=int(config.get("steps", 0)))
+                           max_steps=int(config.get("steps", 0)),
+                           dp_sgd=dp_sgd_for(loc.cfg, loc.seed(int(config["seed"]))))
+        if "dp_steps" in stats:   # what the server's accountant needs
+            stats["dp-sgd-steps"] = stats.pop("dp_steps")
+            stats["dp-sgd-sample-rate"] = stats.pop("dp_sample_rate")
         return get_weights(unet), len(loc.labels), stats

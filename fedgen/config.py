@@ -33,6 +33,8 @@ GENERATIONS = ("sample", "sdedit")
 SD_WHERE = ("clients", "server")
 TDCL_FORMS = ("per-sample", "batch-pooled")
 FEATURE_SOURCES = ("sd", "ddpm")
+# Phase kinds whose client weights are averaged: central DP is set per model.
+DP_MODELS = ("classify", "diffusion")
 
 
 class ConfigError(ValueError):
@@ -262,6 +264,45 @@ class RunConfig:
     classifier_norm: str = knob("group", "ResNet-18 normalisation: group (GroupNorm, robust "
                                 "to FedAvg on non-IID data) or batch (BatchNorm; running "
                                 "stats averaged like weights).", choices=NORMS)
+    # --- differential privacy (README "Differential privacy"; fedgen/privacy.py)
+    histogram_epsilon: float = knob(0.0, "Local DP of the label histogram each client "
+                                    "reports in the stats round: Laplace noise of scale "
+                                    "1/epsilon on every count (L1 sensitivity 1: adding or "
+                                    "removing ONE image), rounded, clipped at 0; the server "
+                                    "(deficit plans, D_aux shares, results.json) only sees "
+                                    "the noisy counts. Does not hide the client's size "
+                                    "(each reply's example count); 0 = exact counts.", low=0.0)
+    dp_clipping_norm: str = knob("", "Central DP of the averaged weight updates: each "
+                                 "client's update (reply - global) is clipped to this L2 "
+                                 "norm (Flower's compute_clip_model_update), the clipped "
+                                 "updates are averaged UNIFORMLY, and Gaussian noise of std "
+                                 "noise-multiplier x norm / updates is added. One number for "
+                                 "every averaged model, or per model: diffusion=0.05,"
+                                 "classify=5 (UNet and classifier updates differ by orders "
+                                 "of magnitude); empty/0 = off.")
+    dp_noise_multiplier: str = knob("", "Central DP: the noise multiplier z (noise std / "
+                                    "sensitivity) per averaged model, same form as "
+                                    "dp-clipping-norm; needs a clipping norm for that model. "
+                                    "0 with a norm = clipping only (no guarantee: epsilon "
+                                    "reported as inf).")
+    dp_delta: float = knob(1e-5, "Central DP: the delta at which the RDP accountant "
+                           "(opacus) reports each model's epsilon, composed over its rounds "
+                           "with sampling rate = the share of nodes asked per round.",
+                           low=0.0, high=0.1, low_open=True)
+    dp_sgd_noise_multiplier: float = knob(0.0, "Sample-level DP-SGD (opacus) of the "
+                                          "clients' DDPM training (diffusion and local-ddpm "
+                                          "phases): Poisson batches, per-image gradients "
+                                          "clipped to dp-sgd-max-grad-norm, Gaussian noise "
+                                          "of this multiplier; each client's spent epsilon "
+                                          "(at dp-delta) goes to results.json; 0 = off.",
+                                          low=0.0)
+    dp_sgd_max_grad_norm: float = knob(1.0, "DP-SGD: the per-image gradient clipping norm.",
+                                       low=0.0, low_open=True)
+    dp_seeded_noise: bool = knob(False, "Draw all DP noise (histograms, updates) from the "
+                                 "run seed, so runs repeat exactly: anyone who knows the seed "
+                                 "can subtract the noise, so the guarantee is VOID; for "
+                                 "measurements only (results.json says so). false = fresh "
+                                 "OS entropy.")
     # --- where things go
     out_dir: str = knob("", "Output folder (absolute for flwr run); empty = "
                         "outputs/<time>-<method>.")
@@ -360,6 +401,7 @@ class RunConfig:
             raise ConfigError(f"guidance-scale={self.guidance_scale:g} needs cfg-dropout > 0 "
                               f"(the null class is never trained otherwise); or set "
                               f"guidance-scale=1")
+        self.central_dp   # per-model DP settings: parsed and checked (ConfigError)
         if "diffusion" in self.arm_list and self.diffusion_rounds == 0 \
                 and not self.diffusion_init:
             raise ConfigError("diffusion-rounds=0 needs diffusion-init (a trained UNet "
@@ -383,6 +425,23 @@ class RunConfig:
         return tuple(float(c) for c in self.cut_ratio.split(",") if c.strip())
 
     @property
+    def central_dp(self) -> dict[str, tuple[float, float]]:
+        """Model (a phase kind whose weights are averaged: classify, diffusion) -> its
+        central-DP (clipping norm, noise multiplier); models without a norm are absent."""
+        clip = _per_model("dp-clipping-norm", self.dp_clipping_norm)
+        noise = _per_model("dp-noise-multiplier", self.dp_noise_multiplier)
+        out = {}
+        for model in DP_MODELS:
+            c, z = clip.get(model, clip.get("*", 0.0)), noise.get(model, noise.get("*", 0.0))
+            if z > 0 and c == 0:
+                raise ConfigError(f"dp-noise-multiplier: model {model} has noise but no "
+                                  f"dp-clipping-norm (the noise is calibrated to the norm); "
+                                  f"set one, or name the models: e.g. classify=1")
+            if c > 0:
+                out[model] = (c, z)
+        return out
+
+    @property
     def unet_channel_list(self) -> tuple[int, ...]:
         return tuple(int(c) for c in self.unet_channels.split(",") if c.strip())
 
@@ -392,6 +451,29 @@ def _unknown_key_message(key: str) -> str:
     close = difflib.get_close_matches(key.replace("_", "-"), RunConfig.keys(), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return f"unknown config key {key!r}{hint}; known keys: {', '.join(RunConfig.keys())}"
+
+
+def _per_model(key: str, text: str) -> dict[str, float]:
+    """``"5"`` -> {"*": 5.0}; ``"diffusion=0.05,classify=5"`` -> one value per model."""
+    out: dict[str, float] = {}
+    for item in (i.strip() for i in text.split(",") if i.strip()):
+        model, sep, value = item.rpartition("=")
+        model = model.strip() if sep else "*"
+        if model != "*" and model not in DP_MODELS:
+            raise ConfigError(f"{key}: unknown model {model!r} in {text!r}; allowed: "
+                              f"{', '.join(DP_MODELS)} (or one number for all)")
+        if model in out or (out and ("*" in out or model == "*")):
+            raise ConfigError(f"{key}: give one number, or each model once as "
+                              f"model=value, got {text!r}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number for {model if sep else 'every model'}, "
+                              f"got {value.strip()!r}") from None
+        if not number >= 0 or number == float("inf"):
+            raise ConfigError(f"{key}: values must be finite and >= 0, got {value.strip()!r}")
+        out[model] = number
+    return out
 
 
 def _coerce(key: str, raw: Any, f: dataclasses.Field) -> Any:
@@ -407,6 +489,8 @@ def _coerce(key: str, raw: Any, f: dataclasses.Field) -> Any:
             return kind(text) if kind is float else int(text)
         except ValueError:
             raise ConfigError(f"{key}: expected {kind.__name__}, got {raw!r}") from None
+    if kind is str and isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        return str(raw)   # a number for a text key (dp-clipping-norm = 5, cut-ratio = 0.2)
     if kind is float and isinstance(raw, int) and not isinstance(raw, bool):
         return float(raw)
     if kind is int and isinstance(raw, float) and raw.is_integer():

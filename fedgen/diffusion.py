@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ from tqdm.auto import tqdm
 from fedgen.balancing import oversample
 from fedgen.data import to_float, to_uint8
 from fedgen.models import null_class
+
+if TYPE_CHECKING:
+    from fedgen.privacy import DPSGD
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +34,7 @@ def train_ddpm(unet: UNet2DModel, scheduler: SchedulerMixin, images: np.ndarray,
                device: torch.device, loss_hooks: Sequence[LossHook] = (),
                cfg_dropout: float = 0.0, min_snr_gamma: float = 0.0,
                max_steps: int = 0, t_range: tuple[int, int] | None = None,
-               source_t: int | None = None) -> dict:
+               source_t: int | None = None, dp_sgd: "DPSGD | None" = None) -> dict:
     """Train ``unet`` in place with the epsilon-prediction loss; returns loss and steps.
 
     ``max_steps`` > 0 trains exactly that many optimiser steps instead of ``epochs``
@@ -48,12 +51,25 @@ def train_ddpm(unet: UNet2DModel, scheduler: SchedulerMixin, images: np.ndarray,
     CollaFuse client sends); they are noised further with q(x_t | x_s) and the loss is
     the weighted denoising score matching of :func:`bridge_noise`, whose minimiser is the
     same noise predictor as with clean images.
+
+    ``dp_sgd`` (:class:`fedgen.privacy.DPSGD`): sample-level DP-SGD (Abadi et al. 2016)
+    through opacus: batches are Poisson samples at rate batch_size / N, each example's
+    gradient is clipped to ``max_grad_norm`` and Gaussian noise is added to their sum;
+    the result adds ``dp_sample_rate`` and ``dp_steps`` for the accountant. Loss hooks
+    (a proximal term) have no per-example gradient and are refused.
     """
     gen = torch.Generator().manual_seed(seed)
     x_all = (torch.as_tensor(images).float() if source_t is not None
              else to_float(images)).to(device)
     y_all = torch.as_tensor(labels, dtype=torch.long).to(device)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr)
+    net, private = unet, None
+    if dp_sgd is not None:
+        if loss_hooks:
+            raise ValueError("DP-SGD clips per-example gradients of the denoising loss; "
+                             "a loss hook (e.g. a proximal term) has none")
+        private = dp_sgd.attach(unet, opt, batch_size, device)
+        net, opt = private
     T = scheduler.config.num_train_timesteps
     lo, hi = t_range or (0, T)
     unet.to(device).train()
@@ -61,11 +77,14 @@ def train_ddpm(unet: UNet2DModel, scheduler: SchedulerMixin, images: np.ndarray,
     weights = min_snr_weights(scheduler, min_snr_gamma).to(device) if min_snr_gamma > 0 else None
     if max_steps > 0:
         epochs = math.ceil(max_steps / math.ceil(len(x_all) / batch_size))
-    losses, steps = [], 0
+    losses, steps, drawn = [], 0, 0
     for _ in range(epochs):
-        for idx in torch.randperm(len(x_all), generator=gen).split(batch_size):
-            if 0 < max_steps <= steps:
+        for idx in batches(len(x_all), batch_size, gen, poisson=dp_sgd is not None):
+            if 0 < max_steps <= drawn:
                 break
+            drawn += 1
+            if not len(idx):   # an empty Poisson batch: no step
+                continue
             clean, y = x_all[idx.to(device)], y_all[idx.to(device)]
             noise = torch.randn(clean.shape, generator=gen).to(device)
             t = torch.randint(lo, hi, (len(idx),), generator=gen).to(device)
@@ -74,10 +93,10 @@ def train_ddpm(unet: UNet2DModel, scheduler: SchedulerMixin, images: np.ndarray,
                 y = torch.where(drop, torch.full_like(y, null), y)
             if source_t is None:
                 noisy = scheduler.add_noise(clean, noise, t)  # q(x_t | x_0), Ho et al. eq. 4
-                pred = unet(noisy, t, class_labels=y).sample
+                pred = net(noisy, t, class_labels=y).sample
             else:
                 noisy, scale = bridge_noise(scheduler, clean, noise, t, source_t)
-                pred = unet(noisy, t, class_labels=y).sample * scale
+                pred = net(noisy, t, class_labels=y).sample * scale
             if weights is None:
                 loss = torch.nn.functional.mse_loss(pred, noise)  # L_simple, Ho et al. eq. 14
             else:
@@ -92,7 +111,23 @@ def train_ddpm(unet: UNet2DModel, scheduler: SchedulerMixin, images: np.ndarray,
             opt.step()
             losses.append(loss.item())
             steps += 1
-    return {"loss": float(np.mean(losses[-max(1, steps // max(epochs, 1)):])), "steps": steps}
+    stats = {"loss": float(np.mean(losses[-max(1, steps // max(epochs, 1)):])), "steps": steps}
+    if private is not None:
+        net._close()   # opacus' hooks and per-example gradients off the UNet
+        stats.update(dp_sample_rate=min(1.0, batch_size / len(x_all)), dp_steps=drawn)
+    return stats
+
+
+def batches(n: int, batch_size: int, gen: torch.Generator, poisson: bool = False
+            ) -> list[torch.Tensor]:
+    """One epoch of batch indices: a seeded shuffle cut into ``batch_size`` pieces, or
+    (``poisson``, what the DP-SGD accountant assumes) as many batches, each taking every
+    example independently with probability batch_size / n."""
+    if not poisson:
+        return list(torch.randperm(n, generator=gen).split(batch_size))
+    rate = min(1.0, batch_size / n)
+    return [torch.nonzero(torch.rand(n, generator=gen) < rate).flatten()
+            for _ in range(math.ceil(n / batch_size))]
 
 
 def bridge_noise(scheduler: SchedulerMixin, x_s: torch.Tensor, noise: torch.Tensor,

@@ -15,6 +15,7 @@ from flwr.client import NumPyClient
 from clients import (PHASE_CLIENTS, CollaFuseClient, CollaFuseGenerationClient,
                      DiffusionClient, DifRCClassifierClient, ProximalClassifierClient,
                      SDClient)
+from fedgen import privacy
 from fedgen.config import ConfigError, RunConfig
 from strategies import (CollaFuse, FedAvgReal, FedDDPM, FedDDPMPlus, FedDiffAug, FedDifRC,
                         FedProx, GenFedSD, PhasedFedAvg)
@@ -66,4 +67,5 @@ def method_for(cfg: RunConfig) -> Method:
         raise ConfigError(f"method: unknown value {cfg.method!r}; allowed: "
                           f"{', '.join(METHODS)}")
     METHODS[cfg.method].strategy.check_config(cfg)
+    privacy.check(cfg)
     return METHODS[cfg.method]

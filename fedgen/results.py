@@ -55,6 +55,7 @@ class Recorder:
         self._phase: tuple[str, float] | None = None
         self._round_start = time.perf_counter()
         self._csv = self.out / "rounds.csv"
+        self._held = resuming   # a resumed run's results.json stays as it is until resume()
         if not resuming:   # a resumed run rewrites it from the checkpoint (resume)
             with open(self._csv, "w", newline="") as fh:
                 csv.writer(fh).writerow(CSV_FIELDS)
@@ -63,7 +64,7 @@ class Recorder:
     def resume(self, results: dict[str, Any], after_round: int) -> None:
         """Go on with the results of a checkpoint (a resumed run): rounds.csv is written
         again from them, the resumption is noted in ``resumed``."""
-        self.results = results
+        self.results, self._held = results, False
         self.results.update(status="running", error=None)
         self.results.setdefault("resumed", []).append(
             {"after_round": after_round, "at": time.strftime("%Y-%m-%d %H:%M:%S")})
@@ -208,6 +209,8 @@ class Recorder:
 
     # ------------------------------------------------------------ output
     def save(self) -> None:
+        if self._held:
+            return
         tmp = self.out / "results.json.tmp"
         tmp.write_text(json.dumps(_clean(self.results), indent=2))
         os.replace(tmp, self.out / "results.json")

@@ -20,6 +20,7 @@ from fedgen.config import ConfigError, RunConfig, load_config
 from fedgen.data import load_data
 from fedgen.methods import method_for
 from fedgen.partition import partition
+from fedgen.privacy import summary_line
 from fedgen.server_app import check_server_data, default_out_dir, make_server_app
 
 log = logging.getLogger("fedgen")
@@ -149,6 +150,9 @@ def format_table(results: dict) -> str:
     if results.get("failures"):
         rows.append(f"\nrounds with failed or timed-out nodes: {len(results['failures'])} "
                     f"(see failures in results.json)")
+    privacy = summary_line(results.get("privacy"))
+    if privacy:
+        rows.append(f"\n{privacy}")
     gen = results.get("generation") or {}
     if gen:
         fid, fd = gen.get("fidelity"), gen.get("frechet_distance")

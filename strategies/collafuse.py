@@ -49,6 +49,14 @@ class CollaFuse(FedDiffAug):
         if "diffusion" in cfg.arm_list and cfg.diffusion_rounds < 1:
             raise ConfigError("method collafuse trains its split DDPM in diffusion-rounds "
                               "rounds; set diffusion-rounds >= 1")
+        if "diffusion" in cfg.arm_list and "diffusion" in cfg.central_dp:
+            raise ConfigError("central DP (dp-clipping-norm) covers averaged weight updates; "
+                              "collafuse's clients upload images noised to their cut point "
+                              "instead, which it cannot protect: name the classifier only "
+                              "(dp-clipping-norm=classify=...)")
+        if "diffusion" in cfg.arm_list and cfg.dp_sgd_noise_multiplier > 0:
+            raise ConfigError("dp-sgd-noise-multiplier protects DDPM weights a client "
+                              "uploads; collafuse's clients upload noised images instead")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -66,6 +74,13 @@ class CollaFuse(FedDiffAug):
 
     def generation_kind(self) -> str:
         return "collafuse-generation"
+
+    def privacy_notes(self) -> list[str]:
+        notes = super().privacy_notes()
+        if self.generative_arm in self.arms:
+            notes.append("collafuse: each client's images noised to its cut point, with "
+                         "their labels, every round (clean images at cut 0)")
+        return notes
 
     def aggregators(self):
         return {**super().aggregators(), "collafuse": self.aggregate_split,

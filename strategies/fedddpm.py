@@ -21,6 +21,7 @@ import numpy as np
 from flwr.common import parameters_to_ndarrays
 
 from fedgen.balancing import proportional_counts
+from fedgen.config import ConfigError, RunConfig
 from fedgen.diffusion import denoising_loss, sample, train_ddpm
 from fedgen.models import build_sampler, get_weights
 from fedgen.seeds import derive_seed
@@ -74,6 +75,21 @@ class FedDDPM(FedDiffAug):
         self.server_seconds = 0.0
         self.corrections = 0
         super().__init__(*args, **kwargs)
+
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        if "diffusion" in cfg.arm_list and "diffusion" in cfg.central_dp:
+            raise ConfigError(f"central DP (dp-clipping-norm) covers averaged weight "
+                              f"updates; {cfg.method} first uploads each client's whole "
+                              f"local DDPM (phase local-ddpm), which it cannot protect: name "
+                              f"the classifier only (dp-clipping-norm=classify=...)")
+
+    def privacy_notes(self) -> list[str]:
+        notes = super().privacy_notes()
+        if any(p.kind == "local-ddpm" for p in self.phases):
+            notes.append("local-ddpm: each client's whole local DDPM, once" +
+                         (" (sample-level: DP-SGD)" if self.cfg.dp_sgd_noise_multiplier else ""))
+        return notes
 
     def plan(self) -> list[Phase]:
         phases = super().plan()

@@ -23,10 +23,11 @@ from flwr.server.strategy import FedAvg
 from fedgen import checkpoint
 from fedgen.aggregation import pool_evaluations, weighted_average
 from fedgen.classifier import evaluate
-from fedgen.config import RunConfig
+from fedgen.config import DP_MODELS, RunConfig
 from fedgen.data import ImageData
 from fedgen.models import (build_classifier, classifier_shell, device, get_weights,
                            set_weights)
+from fedgen.privacy import Ledger
 from fedgen.results import Recorder
 from fedgen.seeds import derive_seed
 from strategies.roster import Roster, needed
@@ -99,7 +100,7 @@ class PhasedFedAvg(FedAvg):
     # Attributes that live across rounds, saved in the checkpoint after every round and
     # restored by a resumed run; a subclass lists its own (the union over the class
     # hierarchy is saved).
-    checkpoint_attrs: tuple[str, ...] = ("run_key",)
+    checkpoint_attrs: tuple[str, ...] = ("run_key", "privacy")
 
     def __init__(self, cfg: RunConfig, data: ImageData, recorder: Recorder):
         super().__init__(fraction_fit=cfg.fraction_fit, fraction_evaluate=0.0,
@@ -129,6 +130,11 @@ class PhasedFedAvg(FedAvg):
         # The server rounds Flower runs, in order: all of them; a resumed run replays the
         # rounds that set up client state, then goes on after the checkpoint.
         self._rounds = list(range(1, len(self.schedule) + 1))
+        self._fit_round = 0
+        self.privacy = Ledger(cfg, tuple(m for m in DP_MODELS
+                                         if any(p.kind == m for p in self.phases)),
+                              self.privacy_notes())
+        recorder.set_section("privacy", self.privacy.section())
 
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
@@ -216,6 +222,10 @@ class PhasedFedAvg(FedAvg):
         self.log_traffic("fit", server_round, results)
         results = self.screen(server_round, results)
         self._train_metrics = self.train_summary(results)
+        self._fit_round = server_round
+        if self.privacy.record_dp_sgd(server_round, {self.roster.label(c.cid): r.metrics
+                                                     for c, r in results}):
+            self.recorder.set_section("privacy", self.privacy.section())
         return self.aggregators()[phase.kind](phase, rnd, results)
 
     def log_traffic(self, kind: str, server_round: int, results: list) -> None:
@@ -247,7 +257,9 @@ class PhasedFedAvg(FedAvg):
                 norms[client.cid] = update_norm(arrays, sent)
             if reason:
                 reasons[client.cid] = reason
-        ratio = self.cfg.max_update_norm_ratio
+        # Under central DP clipping bounds every update; a rejection that depends on the
+        # other clients' norms would sit outside the accounting.
+        ratio = 0.0 if self.privacy.mechanism(phase.kind) else self.cfg.max_update_norm_ratio
         if ratio > 0 and len(norms) > 1:
             median = float(np.median(list(norms.values())))
             for cid, norm in norms.items():
@@ -486,10 +498,38 @@ class PhasedFedAvg(FedAvg):
         return config
 
     def aggregate_weights(self, results: Results, uniform: bool = False) -> list[np.ndarray]:
-        """Sample-weighted FedAvg of the clients' arrays (``uniform``: plain mean)."""
+        """Sample-weighted FedAvg of the clients' arrays (``uniform``: plain mean). Under
+        central DP for the round's model (``dp-clipping-norm``) the uniform mean of the
+        clipped updates plus Gaussian noise (:mod:`fedgen.privacy`), whatever ``uniform``
+        says: the noise is calibrated to that mean."""
         models = [parameters_to_ndarrays(r.parameters) for _, r in results]
+        phase, _ = self.locate(self._fit_round)
+        if self.privacy.mechanism(phase.kind) and self._sent_weights is not None:
+            asked = self._asked.get(self._fit_round, len(results))
+            mean = self.privacy.aggregate(phase.kind, models, self._sent_weights,
+                                          asked / max(len(self.roster.keys), 1),
+                                          self._fit_round)
+            self.recorder.set_section("privacy", self.privacy.section())
+            return mean
         weights = [1.0 if uniform else float(r.num_examples) for _, r in results]
         return weighted_average(models, weights)
+
+    def privacy_notes(self) -> list[str]:
+        """What leaves the clients that no DP setting of this run covers (results.json
+        ``privacy.not_covered``); methods add their own uploads."""
+        cfg, notes = self.cfg, ["every reply: its example count, training loss and steps",
+                                "the server itself: it sees every raw update (central DP "
+                                "protects the global models it releases)"]
+        if cfg.histogram_epsilon == 0:
+            notes.append("stats round: each client's exact label histogram")
+        sgd = " (sample-level: DP-SGD)" if cfg.dp_sgd_noise_multiplier else ""
+        notes += [f"{kind}: the averaged weight updates (no dp-clipping-norm for it)"
+                  f"{sgd if kind == 'diffusion' else ''}"
+                  for kind in DP_MODELS if any(p.kind == kind for p in self.phases)
+                  and kind not in cfg.central_dp]
+        if cfg.evaluation != "server":
+            notes.append("client evaluation: each node's accuracy and per-class counts")
+        return notes
 
     def aggregate_classifier(self, phase: Phase, rnd: int, results: Results) -> Aggregated:
         return ndarrays_to_parameters(self.aggregate_weights(results)), self._train_metrics
