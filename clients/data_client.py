@@ -30,7 +30,10 @@ class DataClient(NumPyClient):
             self.local.store.save(str(config["arm"]), images, labels)
             received = len(labels)
         metrics = {"received": received}
-        if config.get("phase") == "stats":   # once per run: a second noisy copy costs epsilon
+        # Once per run: a second noisy copy would cost epsilon again (a resumed run's replay
+        # of the stats round keeps the counts it saved).
+        if config.get("phase") == "stats" and not (config.get("replay")
+                                                   and self.local.cfg.histogram_epsilon > 0):
             metrics["histogram"] = json.dumps(self.reported_histogram().tolist())
         return [], len(self.local.labels), metrics
 

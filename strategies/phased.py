@@ -8,6 +8,7 @@ and register their aggregation in :meth:`PhasedFedAvg.aggregators`.
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 from dataclasses import dataclass
@@ -401,6 +402,7 @@ class PhasedFedAvg(FedAvg):
                 f"{self.num_rounds}; the plan of the method changed")
         self._global = state["parameters"]
         self._saved_histograms = state["histograms"]
+        self.histograms.update(state["histograms"])
         for name, value in state["state"].items():
             setattr(self, name, value)
         self.recorder.resume(state["results"], self._done)
@@ -450,6 +452,8 @@ class PhasedFedAvg(FedAvg):
         # id (clients.local.LocalData.seed). Not the server round: an arm then trains
         # identically whichever phases ran before it, so methods compare on equal terms.
         config["seed"] = derive_seed(self.cfg.seed, phase.name, rnd)
+        if server_round <= self._done:
+            config["replay"] = True   # a resumed run's replay of a finished round
         return config
 
     def select_clients(self, phase: Phase, server_round: int,
@@ -541,18 +545,21 @@ class PhasedFedAvg(FedAvg):
             self.roster.report(client.cid, res.metrics)
         keys = self.roster.keys
         if self._saved_histograms is not None:   # a resumed run: the same nodes?
-            self.check_same_nodes()
+            self.check_same_nodes(results)
         hist = np.stack([self.histograms[k] for k in keys])
         self.recorder.set_partition(keys, hist)
         log.info("stats: %d clients, sizes %s", len(keys), hist.sum(1).tolist())
         return None, {}
 
-    def check_same_nodes(self) -> None:
-        """A resumed run must see the nodes of the checkpoint with the same labels."""
+    def check_same_nodes(self, results: Results) -> None:
+        """A resumed run must see the nodes of the checkpoint with the same labels (nodes
+        under ``histogram-epsilon`` do not report again: a new noisy copy would cost
+        epsilon; the plan keeps the saved noisy counts)."""
         saved = self._saved_histograms
-        changed = [k for k in saved if k in self.histograms
-                   and not np.array_equal(saved[k], self.histograms[k])]
-        missing = [k for k in saved if k not in self.histograms]
+        reported = {self.roster.key_of[c.cid]: r.metrics.get("histogram") for c, r in results}
+        changed = [k for k, h in reported.items() if h is not None and k in saved
+                   and not np.array_equal(saved[k], json.loads(str(h)))]
+        missing = [k for k in saved if k not in reported]
         if changed:
             self.fail(f"resume: node(s) {changed} report other label counts than in the "
                       f"checkpoint; this is not the same data")

@@ -53,7 +53,8 @@ class Roster:
         """Record a stats-round reply: the node's key and label histogram."""
         key = reported_key(metrics)
         self.key_of[cid] = key
-        self.histograms[key] = np.asarray(json.loads(str(metrics["histogram"])), np.int64)
+        if "histogram" in metrics:   # (a resumed run's replay under histogram-epsilon: not)
+            self.histograms[key] = np.asarray(json.loads(str(metrics["histogram"])), np.int64)
 
     @property
     def keys(self) -> list[NodeKey]:
@@ -73,7 +74,7 @@ class Roster:
     def members(self, clients: Iterable[ClientProxy]) -> list[ClientProxy]:
         """The clients that reported in the stats round (all of them before it), ordered."""
         clients = list(clients)
-        if self.histograms:
+        if self.key_of:
             clients = [c for c in clients if c.cid in self.key_of]
         return sorted(clients, key=self.order)
 

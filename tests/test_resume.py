@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import fedgen.inprocess
@@ -185,3 +186,21 @@ def test_flwr_run_resume_from_key_restores_the_strategy(tmp_path):
     assert strategy.server_round(1) == 1 and strategy.server_round(2) == 3
     state = read_checkpoint(out)
     assert strategy.initialize_parameters(None).tensors == state["parameters"].tensors
+
+
+def test_a_resumed_run_does_not_ask_for_noisy_histograms_again(tmp_path):
+    """Under histogram-epsilon the replayed stats round carries no histogram (a second
+    noisy copy would cost epsilon again); the plan keeps the checkpoint's noisy counts."""
+    cfg = tiny_config(tmp_path, arms="real", classifier_rounds=2, histogram_epsilon=0.5)
+    first = run_until(cfg, 2)
+    saved = {k: v.copy() for k, v in first.histograms.items()}
+    strategy, proxies = run_in_process(cfg.replace(resume_from=cfg.out_dir))
+    for proxy in proxies:
+        stats = [r for i, r in zip(proxy.received, proxy.replied)
+                 if i.config["phase"] == "stats"]
+        assert len(stats) == 1 and "histogram" not in stats[0].metrics
+        assert stats[0].metrics["partition-id"] in saved
+    assert all(np.array_equal(strategy.histograms[k], saved[k]) for k in saved)
+    results = json.loads((Path(cfg.out_dir) / "results.json").read_text())
+    assert results["status"] == "completed" and results["resumed"][0]["after_round"] == 2
+    assert results["privacy"]["histogram_epsilon"] == 0.5
