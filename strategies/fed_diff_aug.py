@@ -46,8 +46,10 @@ class FedDiffAug(PhasedFedAvg):
 
     supported_arms = ("real", "oversample", "noise", "diffusion")
     generative_arm = "diffusion"
+    # (Not the quality judge: refitted from its seed it gives the same figures; a pickled
+    # copy's feature network moved a Fréchet distance in the 4th digit.)
     checkpoint_attrs = ("unet_weights", "ema_weights", "synthetic", "client_plan",
-                        "edit_weights", "server_opt", "_judge")
+                        "edit_weights", "server_opt")
 
     def __init__(self, *args, **kwargs):
         self.unet_weights: list[np.ndarray] | None = None   # the global UNet
