@@ -160,7 +160,27 @@ def format_table(results: dict) -> str:
                     f"{'n/a' if fid is None else f'{100 * fid:.1f}%'} (reference classifier), "
                     f"Fréchet distance {'n/a' if fd is None else f'{fd:.2f}'} "
                     f"(reference network)")
+    rows += communication_rows(results.get("communication"))
     return "\n".join(rows)
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e4 else f"{n:.0f} B"
+
+
+def communication_rows(comm: dict | None) -> list[str]:
+    """results.json ``communication`` as table lines: per phase, the mean bytes one client
+    was sent and sent back per round, and the run's totals."""
+    if not comm or not comm.get("phases"):
+        return []
+    rows = ["\ncommunication (arrays in the messages; per client per round, down / up):"]
+    for phase, e in comm["phases"].items():
+        per = e["per_client_round"]
+        rows.append(f"  {phase}: {_mb(per['down'])} / {_mb(per['up'])} "
+                    f"({e['messages']} messages in {e['rounds']} rounds)")
+    total = comm["total"]
+    rows.append(f"  total: {_mb(total['down'])} down, {_mb(total['up'])} up")
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from flwr.common import parameters_to_ndarrays
 
 import fedgen.inprocess
 from clients import PHASE_CLIENTS, ClassifierClient
+from fedgen.simulation import format_table
 from fedgen.aggregation import weighted_average
 from fedgen.models import build_classifier, get_weights
 from strategies import PhasedFedAvg
@@ -109,3 +110,8 @@ def test_bytes_per_node_and_round_match_the_arrays_sizes(tmp_path):
         assert 0 < io["down"] - images.nbytes - labels.nbytes <= 2 * header and io["up"] == 0
     total = sum(v["down"] for r in comm["rounds"] for v in r["nodes"].values())
     assert comm["total"]["down"] == total
+    # and the printed table states them, per phase and in total
+    table = format_table(json.loads((tmp_path / "out" / "results.json").read_text()))
+    per = comm["phases"]["diffusion (fit)"]["per_client_round"]
+    assert f"diffusion (fit): {per['down'] / 1e6:.2f} MB / {per['up'] / 1e6:.2f} MB" in table
+    assert f"total: {comm['total']['down'] / 1e6:.2f} MB down" in table
