@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))   # the checkpoint holds fedgen objects
 
 
 def checkpoint_state(out: Path) -> dict | None:
