@@ -61,13 +61,17 @@ def main(argv=None) -> int:
     proc = subprocess.Popen([*base, *config, "--out", str(out / "killed")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = None
-    while proc.poll() is None:
-        state = checkpoint_state(out / "killed")
-        if state and state["phase"] == args.kill_in and state["phase_round"] >= 1:
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    proc.wait()
+    try:
+        while proc.poll() is None:
+            state = checkpoint_state(out / "killed")
+            if state and state["phase"] == args.kill_in and state["phase_round"] >= 1:
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None and (state is None or state["phase"] != args.kill_in):
+            proc.kill()   # this script failed: leave no run behind
+        proc.wait()
     if proc.returncode != -signal.SIGKILL:
         print(f"error: the run ended (rc {proc.returncode}) before phase {args.kill_in} "
               f"could be interrupted", file=sys.stderr)
