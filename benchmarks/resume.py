@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -24,13 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))   # the checkpoint holds fedgen objects
 
-
-def checkpoint_state(out: Path) -> dict | None:
-    try:
-        with open(out / "checkpoint.pkl", "rb") as fh:
-            return pickle.load(fh)
-    except (OSError, EOFError, pickle.UnpicklingError):
-        return None
+from fedgen import checkpoint  # noqa: E402
 
 
 def history(out: Path) -> dict:
@@ -63,7 +56,7 @@ def main(argv=None) -> int:
     state = None
     try:
         while proc.poll() is None:
-            state = checkpoint_state(out / "killed")
+            state = checkpoint.peek(out / "killed")
             if state and state["phase"] == args.kill_in and state["phase_round"] >= 1:
                 os.kill(proc.pid, signal.SIGKILL)
                 break

@@ -38,6 +38,16 @@ def save(folder: str | Path, state: Mapping[str, Any]) -> Path:
     return path
 
 
+def peek(folder: str | Path) -> dict[str, Any] | None:
+    """The checkpoint of ``folder`` as it is now, or None while there is none (for
+    watching a running run: no checks, no errors)."""
+    try:
+        with open(Path(folder) / FILENAME, "rb") as fh:
+            return pickle.load(fh)
+    except (OSError, EOFError, pickle.UnpicklingError):
+        return None
+
+
 def load(folder: str | Path) -> dict[str, Any]:
     """The checkpoint of ``folder``; a ConfigError (one line) when there is none, it is
     unreadable, or the run it belongs to has finished."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -45,14 +44,6 @@ def accuracies(results: dict) -> dict:
     return {arm: [h["accuracy"] for h in e["history"]] for arm, e in results["arms"].items()}
 
 
-def read_checkpoint(out: Path) -> dict | None:
-    try:
-        with open(out / checkpoint.FILENAME, "rb") as fh:
-            return pickle.load(fh)
-    except (OSError, EOFError, pickle.UnpicklingError):
-        return None
-
-
 def test_resume_after_sigkill_in_the_classifier_phase_ends_like_an_uninterrupted_run(tmp_path):
     preset = tmp_path / "run.toml"
     preset.write_text(PRESET)
@@ -70,7 +61,7 @@ def test_resume_after_sigkill_in_the_classifier_phase_ends_like_an_uninterrupted
     try:
         deadline, state = time.monotonic() + 600, None
         while time.monotonic() < deadline and proc.poll() is None:
-            state = read_checkpoint(out)
+            state = checkpoint.peek(out)
             if state and state["phase"] == "classify:real" and state["phase_round"] == 1:
                 break
             time.sleep(0.02)
@@ -83,7 +74,7 @@ def test_resume_after_sigkill_in_the_classifier_phase_ends_like_an_uninterrupted
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert json.loads((out / "results.json").read_text())["status"] == "running"
-    done = read_checkpoint(out)["round"]
+    done = checkpoint.peek(out)["round"]
 
     resumed = subprocess.run([*command[:-2], "--resume", str(out)], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=600)
@@ -138,7 +129,7 @@ def test_resume_inside_the_generative_phase_matches(tmp_path, method, stop_after
 
     cfg = tiny_config(tmp_path / "b", **base)
     first = run_until(cfg, stop_after)
-    state = read_checkpoint(Path(cfg.out_dir))
+    state = checkpoint.peek(Path(cfg.out_dir))
     assert state["round"] == stop_after and not state["finished"]
     strategy, _ = run_in_process(cfg.replace(resume_from=cfg.out_dir))
     assert strategy.run_key == first.run_key
@@ -184,7 +175,7 @@ def test_flwr_run_resume_from_key_restores_the_strategy(tmp_path):
     # stats replayed, then the rounds after the checkpoint
     assert parts.config.num_rounds == 1 + strategy.num_rounds - 2
     assert strategy.server_round(1) == 1 and strategy.server_round(2) == 3
-    state = read_checkpoint(out)
+    state = checkpoint.peek(out)
     assert strategy.initialize_parameters(None).tensors == state["parameters"].tensors
 
 
