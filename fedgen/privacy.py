@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -143,6 +144,10 @@ class DPSGD:
             from opacus.optimizers import DPOptimizer
         except ImportError:
             raise ImportError("DP-SGD needs opacus: pip install opacus (a dependency of fedgen)") from None
+        # opacus' per-example hooks are full backward hooks; the noised images need no
+        # gradient, so torch warns on every backward: expected here, not the user's doing
+        warnings.filterwarnings("ignore", message="Full backward hook is firing",
+                                category=UserWarning)
         seed = self.noise_seed if self.noise_seed is not None else secrets.randbits(63)
         generator = torch.Generator(device=device).manual_seed(seed)
         private = DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier,
