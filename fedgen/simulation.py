@@ -17,11 +17,10 @@ from pathlib import Path
 
 from fedgen import checkpoint, logs
 from fedgen.config import ConfigError, RunConfig, load_config
-from fedgen.data import load_data
-from fedgen.methods import method_for
-from fedgen.partition import partition
-from fedgen.privacy import summary_line
-from fedgen.server_app import check_server_data, default_out_dir, make_server_app
+
+# torch, Flower and the method registry are imported where they are first needed, so
+# --help and every mistake in the arguments or config keys answer at once, not after
+# ~10 s of imports.
 
 log = logging.getLogger("fedgen")
 
@@ -51,6 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def prepare(args: argparse.Namespace) -> RunConfig:
     """Parse and check the config, the data, the partition and the output folder."""
     given = load_config(args.config, args.overrides)
+    from fedgen.methods import method_for
+
     method_for(given)  # an unknown method fails here, before any work
     if args.resume:
         if args.out:
@@ -62,6 +63,7 @@ def prepare(args: argparse.Namespace) -> RunConfig:
     if args.out:
         cfg = cfg.replace(out_dir=args.out)
     if not cfg.out_dir:
+        from fedgen.server_app import default_out_dir
         cfg = cfg.replace(out_dir=str(default_out_dir(cfg)))
     out = Path(cfg.out_dir).resolve()
     if cfg.resume_from:
@@ -77,6 +79,10 @@ def prepare(args: argparse.Namespace) -> RunConfig:
 
 def check_run(cfg: RunConfig) -> RunConfig:
     """The data, the partition and the initial UNet a run needs, checked before work."""
+    from fedgen.data import load_data
+    from fedgen.partition import partition
+    from fedgen.server_app import check_server_data
+
     data = load_data(cfg)
     if not len(data.train_y):
         raise ConfigError("the simulation partitions the server's data set among its "
@@ -104,6 +110,7 @@ def simulate(cfg: RunConfig, verbose: bool = False, backend: str = "ray") -> dic
     from flwr.simulation import run_simulation
 
     from fedgen.client_app import make_client_app
+    from fedgen.server_app import make_server_app
 
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     gpus = 0.5 if torch.cuda.is_available() else 0.0
@@ -119,6 +126,7 @@ def simulate(cfg: RunConfig, verbose: bool = False, backend: str = "ray") -> dic
 
 def simulate_in_process(cfg: RunConfig) -> dict:
     from fedgen.inprocess import InProcessProxy, new_run_id, run_in_process
+    from fedgen.methods import method_for
     from fedgen.server_app import build_strategy
 
     strategy = build_strategy(cfg)
@@ -132,6 +140,8 @@ def simulate_in_process(cfg: RunConfig) -> dict:
 
 def format_table(results: dict) -> str:
     """The comparison table, one row per arm (accuracies in %)."""
+    from fedgen.privacy import summary_line
+
     rows = ["| arm | final acc | best acc | round-1 acc | train samples/round | steps |",
             "|---|---|---|---|---|---|"]
     for arm, e in results["arms"].items():
@@ -191,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from fedgen.methods import method_for
+
     log.info("method %s (%s), arms %s, %s with %d clients, alpha=%g, seed %d",
              cfg.method, method_for(cfg).summary, cfg.arms, cfg.dataset,
              cfg.num_clients, cfg.alpha, cfg.seed)

@@ -57,6 +57,18 @@ def test_help():
     assert proc.returncode == 0 and "--config" in proc.stdout and "--set" in proc.stdout
 
 
+@pytest.mark.parametrize("args", [["--help"], ["--set", "alhpa=0.5"], ["--set", "alpha=-1"]])
+def test_help_and_key_mistakes_answer_before_torch_and_flower_load(args):
+    # the heavy imports (~10 s on 2 cores) come after the arguments and keys are checked
+    probe = ("import sys\nfrom fedgen.simulation import main\ntry:\n    main(sys.argv[1:])\n"
+             "except SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('torch', 'flwr', 'diffusers') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", probe, *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
+
+
 def test_smoke_preset_runs_through_the_ray_simulation(tmp_path):
     out = tmp_path / "smoke"
     proc = run_cli("--config", "configs/smoke.toml", "--out", str(out))
