@@ -62,8 +62,9 @@ def main(argv=None) -> int:
                 break
             time.sleep(0.05)
     finally:
-        if proc.poll() is None and (state is None or state["phase"] != args.kill_in):
-            proc.kill()   # this script failed: leave no run behind
+        if proc.poll() is None:
+            proc.kill()   # SIGKILL too: a second one after the loop's is harmless, and
+                          # if this script failed, no run is left behind
         proc.wait()
     if proc.returncode != -signal.SIGKILL:
         print(f"error: the run ended (rc {proc.returncode}) before phase {args.kill_in} "
