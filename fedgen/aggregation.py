@@ -31,6 +31,29 @@ def weighted_average(models: Sequence[Sequence[np.ndarray]],
     return out
 
 
+def rowwise_average(layers: Sequence[np.ndarray], row_weights: np.ndarray,
+                    fallback: np.ndarray) -> np.ndarray:
+    """Average one (rows, ...) array row by row: row r is sum_k W[k, r] layers[k][r] /
+    sum_k W[k, r], with ``row_weights`` W of shape (clients, rows).
+
+    For a class-embedding table whose row c only clients holding class c train: weighting
+    row c by each client's count of class c keeps the clients without it, whose copy of
+    the row never moved, from diluting its update. A row no client weights keeps
+    ``fallback``'s row (the plain average).
+    """
+    w = np.asarray(row_weights, dtype=np.float64)
+    stack = np.stack([np.asarray(x, dtype=np.float64) for x in layers])
+    if w.shape != stack.shape[:2]:
+        raise ValueError(f"row_weights of shape {w.shape} for {len(layers)} arrays of "
+                         f"{stack.shape[1]} rows")
+    total = w.sum(axis=0)
+    shape = (*w.shape, *([1] * (stack.ndim - 2)))
+    mixed = (w.reshape(shape) * stack).sum(axis=0) / np.where(total > 0, total, 1).reshape(
+        shape[1:])
+    out = np.where((total > 0).reshape(shape[1:]), mixed, fallback)
+    return out.astype(np.asarray(fallback).dtype)
+
+
 def pool_evaluations(replies: Sequence[tuple[str, int, float, Mapping]],
                      num_classes: int) -> dict:
     """Evaluation where the data is: pool the nodes' ``(name, examples, loss, metrics)``.

@@ -29,6 +29,7 @@ STEMS = ("cifar", "imagenet")
 NORMS = ("group", "batch")
 EVALUATIONS = ("server", "clients", "both")
 SERVER_OPTS = ("fedavg", "fedavgm", "fedadam")
+LABEL_AGGREGATIONS = ("samples", "class-counts")
 GENERATIONS = ("sample", "sdedit")
 SD_WHERE = ("clients", "server")
 TDCL_FORMS = ("per-sample", "batch-pooled")
@@ -109,6 +110,12 @@ class RunConfig:
                                low=0.0, low_open=True)
     diffusion_aggregation: str = knob("weighted", "UNet averaging: sample-weighted, or "
                                       "uniform (the original's compat).", choices=AGGREGATIONS)
+    label_embedding_aggregation: str = knob(
+        "samples", "How the UNet's class-embedding rows are averaged: samples = like every "
+        "other weight (each client by its sample count), class-counts = row c by each "
+        "client's count of class c (the null class by sample count), so the clients that "
+        "lack a class, whose copy of its row never moved, do not shrink its update.",
+        choices=LABEL_AGGREGATIONS)
     diffusion_server_opt: str = knob("fedavg", "Server update of the UNet from the "
                                      "clients' average (Reddi et al. 2021): fedavg takes it, "
                                      "fedavgm adds momentum, fedadam an adaptive step.",
@@ -402,6 +409,10 @@ class RunConfig:
                               f"(the null class is never trained otherwise); or set "
                               f"guidance-scale=1")
         self.central_dp   # per-model DP settings: parsed and checked (ConfigError)
+        if self.label_embedding_aggregation != "samples" and "diffusion" in self.central_dp:
+            raise ConfigError("label-embedding-aggregation=class-counts cannot run under "
+                              "central DP for the diffusion model (dp-clipping-norm): the "
+                              "noise is calibrated to the plain mean of the clipped updates")
         if "diffusion" in self.arm_list and self.diffusion_rounds == 0 \
                 and not self.diffusion_init:
             raise ConfigError("diffusion-rounds=0 needs diffusion-init (a trained UNet "

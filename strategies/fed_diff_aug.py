@@ -13,10 +13,11 @@ import time
 
 import numpy as np
 from diffusers import DDPMPipeline, UNet2DModel
-from flwr.common import Parameters, ndarrays_to_parameters
+from flwr.common import Parameters, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_proxy import ClientProxy
 
 from fedgen import plots
+from fedgen.aggregation import rowwise_average
 from fedgen.balancing import fill_to_max, present_only
 from fedgen.diffusion import sample
 from fedgen.fidelity import Judge
@@ -159,6 +160,8 @@ class FedDiffAug(PhasedFedAvg):
         then the server update (``diffusion-server-opt``) and the EMA (``ema-decay``)."""
         uniform = self.cfg.diffusion_aggregation == "uniform"
         average = self.aggregate_weights(results, uniform=uniform)
+        if self.cfg.label_embedding_aggregation == "class-counts":
+            average = self.aggregate_label_rows(average, results, uniform)
         self.unet_weights = self.server_opt.step(self.unet_weights, average)
         extra = self.correct(phase, rnd)
         if self.cfg.ema_decay > 0:
@@ -173,6 +176,22 @@ class FedDiffAug(PhasedFedAvg):
         if rnd == phase.rounds:
             self.save_unet()
         return ndarrays_to_parameters(self.unet_weights), self._train_metrics
+
+    def aggregate_label_rows(self, average: list[np.ndarray], results: Results,
+                             uniform: bool) -> list[np.ndarray]:
+        """``label-embedding-aggregation=class-counts``: the class-embedding table of the
+        average re-mixed row by row, row c weighted by each client's count of class c (its
+        stats-round histogram), the null row like every other weight."""
+        keys = list(unet_shell(self.cfg, self.data.channels, self.data.num_classes,
+                               self.data.image_size).state_dict())
+        at = keys.index("class_embedding.weight")
+        none = np.zeros(self.data.num_classes)
+        rows = [np.append(np.clip(self.histograms.get(self.partition_of.get(c.cid), none),
+                                  0, None), 1.0 if uniform else float(r.num_examples))
+                for c, r in results]
+        tables = [parameters_to_ndarrays(r.parameters)[at] for _, r in results]
+        average[at] = rowwise_average(tables, np.stack(rows), average[at])
+        return average
 
     def correct(self, phase: Phase, rnd: int) -> dict:
         """Server-side work on ``self.unet_weights`` after the aggregation of diffusion

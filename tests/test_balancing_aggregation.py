@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fedgen.aggregation import weighted_average
+from fedgen.aggregation import rowwise_average, weighted_average
 from fedgen.balancing import fill_to_max, noise_fill, oversample
 
 
@@ -45,3 +45,16 @@ def test_weighted_average_weights_by_samples():
 def test_weighted_average_rejects_bad_weights():
     with pytest.raises(ValueError):
         weighted_average([[np.zeros(1)]], [0])
+
+
+def test_rowwise_average_weights_each_row_by_its_own_column():
+    a = np.array([[1.0, 1.0], [2.0, 2.0], [5.0, 5.0]], np.float32)
+    b = np.array([[3.0, 3.0], [4.0, 4.0], [5.0, 5.0]], np.float32)
+    fallback = np.full((3, 2), -1.0, np.float32)
+    # row 0: only client a holds the class -> its row as is; row 1: 1:3 -> 2*0.25 + 4*0.75;
+    # row 2: nobody weights it -> the fallback (the plain average) stays
+    out = rowwise_average([a, b], np.array([[2, 1, 0], [0, 3, 0]]), fallback)
+    np.testing.assert_allclose(out, [[1, 1], [3.5, 3.5], [-1, -1]])
+    assert out.dtype == np.float32
+    with pytest.raises(ValueError, match="row_weights"):
+        rowwise_average([a, b], np.ones((2, 2)), fallback)

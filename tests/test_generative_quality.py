@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from flwr.common import parameters_to_ndarrays
 
 from fedgen.config import RunConfig
 from fedgen.data import load_data
@@ -169,6 +170,35 @@ def test_grids_quality_and_levers_reach_the_results(tmp_path):
     assert strategy.ema_weights is not None
     assert any(not np.array_equal(e, w) for e, w in
                zip(strategy.ema_weights, strategy.unet_weights))
+
+
+def test_class_count_aggregation_of_the_label_embedding(tmp_path):
+    """label-embedding-aggregation=class-counts: row c of the global class embedding is
+    the clients' rows c weighted by their counts of class c, the null row and every other
+    weight stay the sample-weighted average."""
+    cfg = tiny_config(tmp_path, arms="diffusion", alpha=0.1, num_clients=4,
+                      label_embedding_aggregation="class-counts")
+    strategy, proxies = run_in_process(cfg)
+    keys = list(strategy.unet_with(strategy.unet_weights).state_dict())
+    at = keys.index("class_embedding.weight")
+    replies = [[r for i, r in zip(p.received, p.replied) if i.config["phase"] == "diffusion"][-1]
+               for p in proxies]
+    tables = [parameters_to_ndarrays(r.parameters) for r in replies]
+    n = np.array([r.num_examples for r in replies], np.float64)
+    hist = np.stack([strategy.histograms[strategy.partition_of[p.cid]] for p in proxies])
+    assert (hist == 0).any(), "the split should leave some class out of some client"
+    table, classes = strategy.unet_weights[at], hist.shape[1]
+    for c in range(classes):
+        if hist[:, c].sum():
+            want = sum(h * t[at][c] for h, t in zip(hist[:, c], tables)) / hist[:, c].sum()
+            np.testing.assert_allclose(table[c], want, rtol=1e-5, atol=1e-7)
+    plain = sum(k * t[at] for k, t in zip(n, tables)) / n.sum()
+    np.testing.assert_allclose(table[classes], plain[classes], rtol=1e-5, atol=1e-7)
+    assert not np.allclose(table[:classes], plain[:classes])
+    other = at + 1
+    np.testing.assert_allclose(strategy.unet_weights[other],
+                               sum(k * t[other] for k, t in zip(n, tables)) / n.sum(),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_an_arm_trains_the_same_under_every_method(tmp_path):
