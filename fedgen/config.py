@@ -24,6 +24,7 @@ PARTITIONINGS = ("dirichlet", "iid")
 ARMS = ("real", "oversample", "noise", "diffusion")
 SAMPLERS = ("ddim", "ddpm", "dpm-solver")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 AGGREGATIONS = ("weighted", "uniform")
 STEMS = ("cifar", "imagenet")
 NORMS = ("group", "batch")
@@ -150,6 +151,10 @@ class RunConfig:
     num_train_timesteps: int = knob(1000, "Diffusion timesteps T.", low=2)
     beta_schedule: str = knob("linear", "Noise schedule, shared by training and sampling.",
                               choices=BETA_SCHEDULES)
+    prediction_type: str = knob("epsilon", "What the UNet predicts: epsilon (the noise, Ho et "
+                                "al. 2020) or v_prediction (v = sqrt(abar) noise - sqrt(1 - "
+                                "abar) x_0, Salimans & Ho 2022), in training, every sampler "
+                                "and min-snr-gamma's weights.", choices=PREDICTION_TYPES)
     beta_start: float = knob(1e-4, "First beta of the schedule.", low=0.0, low_open=True)
     beta_end: float = knob(0.02, "Last beta of the schedule.", low=0.0, low_open=True)
     # --- FedDDPM / FedDDPM+ (methods.md C; constants the abstract does not give)
@@ -409,6 +414,10 @@ class RunConfig:
                               f"(the null class is never trained otherwise); or set "
                               f"guidance-scale=1")
         self.central_dp   # per-model DP settings: parsed and checked (ConfigError)
+        if self.prediction_type != "epsilon" and self.method == "collafuse":
+            raise ConfigError("prediction-type=v_prediction: CollaFuse's server trains on "
+                              "noised images (denoising score matching from x_s), which is "
+                              "derived for epsilon prediction; use prediction-type=epsilon")
         if self.label_embedding_aggregation != "samples" and "diffusion" in self.central_dp:
             raise ConfigError("label-embedding-aggregation=class-counts cannot run under "
                               "central DP for the diffusion model (dp-clipping-norm): the "

@@ -35,7 +35,8 @@ def train_ddpm(unet: UNet2DModel, scheduler: SchedulerMixin, images: np.ndarray,
                cfg_dropout: float = 0.0, min_snr_gamma: float = 0.0,
                max_steps: int = 0, t_range: tuple[int, int] | None = None,
                source_t: int | None = None, dp_sgd: "DPSGD | None" = None) -> dict:
-    """Train ``unet`` in place with the epsilon-prediction loss; returns loss and steps.
+    """Train ``unet`` in place on the denoising loss of the scheduler's prediction type
+    (:func:`regression_target`); returns loss and steps.
 
     ``max_steps`` > 0 trains exactly that many optimiser steps instead of ``epochs``
     passes (epochs repeat as needed), so a small and a large data set get the same budget.
@@ -58,6 +59,9 @@ def train_ddpm(unet: UNet2DModel, scheduler: SchedulerMixin, images: np.ndarray,
     the result adds ``dp_sample_rate`` and ``dp_steps`` for the accountant. Loss hooks
     (a proximal term) have no per-example gradient and are refused.
     """
+    if source_t is not None and scheduler.config.prediction_type != "epsilon":
+        raise ValueError("training from noised images (source_t) is derived for epsilon "
+                         "prediction")
     gen = torch.Generator().manual_seed(seed)
     x_all = (torch.as_tensor(images).float() if source_t is not None
              else to_float(images)).to(device)
@@ -97,10 +101,12 @@ def train_ddpm(unet: UNet2DModel, scheduler: SchedulerMixin, images: np.ndarray,
             else:
                 noisy, scale = bridge_noise(scheduler, clean, noise, t, source_t)
                 pred = net(noisy, t, class_labels=y).sample * scale
+            target = noise if source_t is not None else regression_target(
+                scheduler, clean, noise, t)
             if weights is None:
-                loss = torch.nn.functional.mse_loss(pred, noise)  # L_simple, Ho et al. eq. 14
+                loss = torch.nn.functional.mse_loss(pred, target)  # L_simple, Ho et al. eq. 14
             else:
-                per_sample = (pred - noise).pow(2).flatten(1).mean(1)
+                per_sample = (pred - target).pow(2).flatten(1).mean(1)
                 loss = (weights[t] * per_sample).mean()
             batch = dict(clean=clean, noisy=noisy, timesteps=t, labels=y, noise=noise,
                          pred=pred)
@@ -154,7 +160,7 @@ def bridge_noise(scheduler: SchedulerMixin, x_s: torch.Tensor, noise: torch.Tens
 def denoising_loss(unet: UNet2DModel, scheduler: SchedulerMixin, images: np.ndarray,
                    labels: np.ndarray, *, seed: int, device: torch.device,
                    batch_size: int = 256) -> float:
-    """The conditional epsilon-MSE of ``unet`` on ``images`` with noise and timesteps fixed
+    """The conditional denoising MSE (:func:`regression_target`) of ``unet`` on ``images`` with noise and timesteps fixed
     by ``seed``: the same draw every call, so values compare across rounds (a held-out
     loss for monitoring; nothing is trained)."""
     gen = torch.Generator().manual_seed(seed)
@@ -167,18 +173,34 @@ def denoising_loss(unet: UNet2DModel, scheduler: SchedulerMixin, images: np.ndar
         noise = torch.randn(clean.shape, generator=gen).to(device)
         t = torch.randint(0, T, (len(y),), generator=gen).to(device)
         pred = unet(scheduler.add_noise(clean, noise, t), t, class_labels=y).sample
-        total += torch.nn.functional.mse_loss(pred, noise, reduction="sum").item()
+        target = regression_target(scheduler, clean, noise, t)
+        total += torch.nn.functional.mse_loss(pred, target, reduction="sum").item()
         n += noise.numel()
     return total / max(n, 1)
 
 
+def regression_target(scheduler: SchedulerMixin, clean: torch.Tensor, noise: torch.Tensor,
+                      t: torch.Tensor) -> torch.Tensor:
+    """What the UNet regresses on: the noise (``prediction_type`` epsilon) or the velocity
+    v = sqrt(abar_t) noise - sqrt(1 - abar_t) x_0 (v_prediction, Salimans & Ho 2022)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(clean, noise, t)
+    raise ValueError(f"prediction_type {kind!r}: fedgen trains epsilon or v_prediction")
+
+
 def min_snr_weights(scheduler: SchedulerMixin, gamma: float) -> torch.Tensor:
-    """Per-timestep loss weights min(SNR_t, gamma) / SNR_t for the epsilon loss, with
-    SNR_t = alpha_bar_t / (1 - alpha_bar_t) (Hang et al. 2023, "Efficient Diffusion Training
-    via Min-SNR Weighting Strategy", eq. 9 for epsilon prediction)."""
+    """Per-timestep loss weights for the schedule's prediction type, with SNR_t =
+    alpha_bar_t / (1 - alpha_bar_t) (Hang et al. 2023, "Efficient Diffusion Training via
+    Min-SNR Weighting Strategy", section 3.4): min(SNR_t, gamma) / SNR_t on the epsilon
+    loss, min(SNR_t, gamma) / (SNR_t + 1) on the v loss; both equal min(SNR_t, gamma)
+    times the x_0 loss."""
     alpha_bar = scheduler.alphas_cumprod.double()
     snr = alpha_bar / (1 - alpha_bar)
-    return (snr.clamp(max=gamma) / snr).float()
+    below = snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr
+    return (snr.clamp(max=gamma) / below).float()
 
 
 @torch.no_grad()
@@ -268,7 +290,8 @@ def sdedit_fill(unet: UNet2DModel, sampler: SchedulerMixin, images: np.ndarray,
 
 def guided_eps(unet: UNet2DModel, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
                guidance_scale: float) -> torch.Tensor:
-    """The noise prediction at guidance ``w``: eps_c at w = 1, else eps_u + w (eps_c - eps_u)."""
+    """The UNet's prediction at guidance ``w``: eps_c at w = 1, else eps_u + w (eps_c - eps_u).
+    (The same line for a v-predicting UNet: v is affine in eps at a given x_t and t.)"""
     if guidance_scale == 1.0:
         return unet(x, t, class_labels=labels).sample
     null = torch.full_like(labels, null_class(unet))

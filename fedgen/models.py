@@ -93,7 +93,8 @@ def build_scheduler(cfg: RunConfig) -> DDPMScheduler:
     ``from_config``, by every sampler."""
     return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps,
                          beta_schedule=cfg.beta_schedule, beta_start=cfg.beta_start,
-                         beta_end=cfg.beta_end, clip_sample=True)
+                         beta_end=cfg.beta_end, clip_sample=True,
+                         prediction_type=cfg.prediction_type)
 
 
 def build_sampler(name: str, train_scheduler: SchedulerMixin) -> SchedulerMixin:

@@ -1,6 +1,7 @@
 """The levers of the federated DDPM (issue 8): classifier-free guidance, the server
 optimiser and EMA, the drift term, quality metrics, per-round grids, and seed keying."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -10,10 +11,11 @@ from flwr.common import parameters_to_ndarrays
 
 from fedgen.config import RunConfig
 from fedgen.data import load_data
-from fedgen.diffusion import guided_eps, min_snr_weights, train_ddpm
+from fedgen.diffusion import (denoising_loss, guided_eps, min_snr_weights,
+                              regression_target, train_ddpm)
 from fedgen.fidelity import FeatureNet, frechet_distance
 from fedgen.losses import proximal
-from fedgen.models import build_scheduler, build_unet, null_class
+from fedgen.models import build_sampler, build_scheduler, build_unet, null_class
 from fedgen.server_opt import ServerOptimizer, ema_update
 from tests.conftest import run_in_process, tiny_config
 
@@ -83,6 +85,41 @@ def test_min_snr_weights_and_the_weighted_loss():
         outs.append(train_ddpm(unet, sched, images, labels, min_snr_gamma=gamma, **kw)["loss"])
     assert outs[0] == pytest.approx(outs[1], rel=1e-6)
     assert outs[2] < outs[0]                                 # weights <= 1
+
+
+def test_v_prediction_target_weights_and_sampler():
+    """prediction-type=v_prediction: the target v = sqrt(abar) noise - sqrt(1 - abar) x_0,
+    Min-SNR's v weights min(SNR, gamma) / (SNR + 1), the samplers inherit the type, and a
+    UNet trained on v denoises a step better than one trained on epsilon read as v."""
+    cfg = dataclasses.replace(TINY, prediction_type="v_prediction")
+    sched = build_scheduler(cfg)
+    assert build_sampler("ddim", sched).config.prediction_type == "v_prediction"
+    a = sched.alphas_cumprod.double()
+    torch.manual_seed(0)
+    x0, noise, t = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4), torch.tensor([0, 500, 999])
+    ab = a[t].float().view(-1, 1, 1, 1)
+    torch.testing.assert_close(regression_target(sched, x0, noise, t),
+                               ab.sqrt() * noise - (1 - ab).sqrt() * x0, atol=1e-6, rtol=0)
+    assert torch.equal(regression_target(build_scheduler(TINY), x0, noise, t), noise)
+    snr = a / (1 - a)
+    w = min_snr_weights(sched, 5.0)
+    for k in (0, 300, 999):
+        assert w[k].item() == pytest.approx(min(snr[k].item(), 5.0) / (snr[k].item() + 1),
+                                            rel=1e-6)
+    # the epsilon weights times (SNR + 1) / SNR: the same x_0-loss weighting
+    np.testing.assert_allclose(w.double() * (snr + 1) / snr, min_snr_weights(
+        build_scheduler(TINY), 5.0).double(), rtol=1e-5)
+    # training follows the type: the v loss of a v-trained UNet beats an epsilon-trained one
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (64, 1, 8, 8), dtype=np.uint8), rng.integers(0, 10, 64)
+    kw = dict(epochs=8, batch_size=16, lr=2e-3, seed=1, device=CPU)
+    losses = {}
+    for kind in ("epsilon", "v_prediction"):
+        unet = build_unet(TINY, 1, 10, 8, seed=0)
+        train_ddpm(unet, build_scheduler(dataclasses.replace(TINY, prediction_type=kind)),
+                   images, labels, **kw)
+        losses[kind] = denoising_loss(unet, sched, images, labels, seed=2, device=CPU)
+    assert losses["v_prediction"] < losses["epsilon"]
 
 
 def _arrays(*values):
