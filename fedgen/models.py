@@ -10,6 +10,7 @@ BatchNorm here has a fixed momentum).
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 from pathlib import Path
 from typing import Callable, Iterator
@@ -72,8 +73,25 @@ def build_unet(cfg: RunConfig, channels: int, num_classes: int, image_size: int,
     return UNet2DModel(**unet_config(cfg, channels, num_classes, image_size))
 
 
-def load_unet(path: str, channels: int, num_classes: int, image_size: int) -> UNet2DModel:
+def saved_prediction_type(path: str) -> str | None:
+    """The ``prediction_type`` of the schedule saved beside a UNet (a run's ``ddpm/``
+    folder holds ``scheduler/scheduler_config.json``); None where none was saved."""
+    file = Path(path).expanduser() / "scheduler" / "scheduler_config.json"
+    if not file.is_file():
+        return None
+    return json.loads(file.read_text()).get("prediction_type", "epsilon")
+
+
+def load_unet(path: str, channels: int, num_classes: int, image_size: int,
+              prediction_type: str | None = None) -> UNet2DModel:
+    """A saved UNet, checked against the data's shape and (given ``prediction_type``)
+    against the prediction type its saved schedule was trained with."""
     root = Path(path).expanduser()
+    saved = saved_prediction_type(path)
+    if prediction_type and saved and saved != prediction_type:
+        raise ConfigError(f"diffusion-init {root}: the UNet was trained with "
+                          f"prediction-type={saved}; this run has prediction-type="
+                          f"{prediction_type} (set the same)")
     folder = root / "unet" if (root / "unet" / "config.json").is_file() else root
     if not (folder / "config.json").is_file():
         raise ConfigError(f"diffusion-init {root}: no UNet found; expected a folder written "

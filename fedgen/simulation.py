@@ -92,7 +92,8 @@ def check_run(cfg: RunConfig) -> RunConfig:
     partition(data.train_y, cfg)
     if cfg.diffusion_init:
         from fedgen.models import load_unet
-        load_unet(cfg.diffusion_init, data.channels, data.num_classes, data.image_size)
+        load_unet(cfg.diffusion_init, data.channels, data.num_classes, data.image_size,
+                  prediction_type=cfg.prediction_type)
     return cfg
 
 

@@ -7,15 +7,17 @@ import json
 import numpy as np
 import pytest
 import torch
+from diffusers import DDPMPipeline
 from flwr.common import parameters_to_ndarrays
 
-from fedgen.config import RunConfig
+from fedgen.config import ConfigError, RunConfig
 from fedgen.data import load_data
 from fedgen.diffusion import (denoising_loss, guided_eps, min_snr_weights,
                               regression_target, train_ddpm)
 from fedgen.fidelity import FeatureNet, frechet_distance
 from fedgen.losses import proximal
-from fedgen.models import build_sampler, build_scheduler, build_unet, null_class
+from fedgen.models import (build_sampler, build_scheduler, build_unet, load_unet, null_class,
+                           saved_prediction_type)
 from fedgen.server_opt import ServerOptimizer, ema_update
 from tests.conftest import run_in_process, tiny_config
 
@@ -120,6 +122,17 @@ def test_v_prediction_target_weights_and_sampler():
                    images, labels, **kw)
         losses[kind] = denoising_loss(unet, sched, images, labels, seed=2, device=CPU)
     assert losses["v_prediction"] < losses["epsilon"]
+
+
+def test_a_saved_ddpm_keeps_its_prediction_type(tmp_path):
+    cfg = dataclasses.replace(TINY, prediction_type="v_prediction")
+    DDPMPipeline(unet=build_unet(cfg, 1, 10, 8, seed=0),
+                 scheduler=build_scheduler(cfg)).save_pretrained(tmp_path / "ddpm")
+    assert saved_prediction_type(str(tmp_path / "ddpm")) == "v_prediction"
+    assert saved_prediction_type(str(tmp_path)) is None
+    load_unet(str(tmp_path / "ddpm"), 1, 10, 8, prediction_type="v_prediction")
+    with pytest.raises(ConfigError, match="trained with prediction-type=v_prediction"):
+        load_unet(str(tmp_path / "ddpm"), 1, 10, 8, prediction_type="epsilon")
 
 
 def _arrays(*values):
