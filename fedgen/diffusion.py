@@ -160,9 +160,9 @@ def bridge_noise(scheduler: SchedulerMixin, x_s: torch.Tensor, noise: torch.Tens
 def denoising_loss(unet: UNet2DModel, scheduler: SchedulerMixin, images: np.ndarray,
                    labels: np.ndarray, *, seed: int, device: torch.device,
                    batch_size: int = 256) -> float:
-    """The conditional denoising MSE (:func:`regression_target`) of ``unet`` on ``images`` with noise and timesteps fixed
-    by ``seed``: the same draw every call, so values compare across rounds (a held-out
-    loss for monitoring; nothing is trained)."""
+    """The conditional denoising MSE (:func:`regression_target`) of ``unet`` on ``images``
+    with noise and timesteps fixed by ``seed``: the same draw every call, so values compare
+    across rounds (a held-out loss for monitoring; nothing is trained)."""
     gen = torch.Generator().manual_seed(seed)
     T = scheduler.config.num_train_timesteps
     unet.to(device).eval()
