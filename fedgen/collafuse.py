@@ -14,12 +14,16 @@ timestep. c = 1: the client learns every timestep alone and sends nothing.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
-from diffusers import SchedulerMixin, UNet2DModel
 
 from fedgen.data import to_float, to_uint8
 from fedgen.diffusion import sample, train_ddpm
+
+if TYPE_CHECKING:
+    from diffusers import SchedulerMixin, UNet2DModel
 
 
 def cut_timesteps(ratios: tuple[float, ...], num_clients: int, T: int) -> list[int]:

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
-from diffusers import SchedulerMixin, UNet2DModel
 from tqdm.auto import tqdm
 
 from fedgen.balancing import oversample
@@ -20,6 +19,8 @@ from fedgen.data import to_float, to_uint8
 from fedgen.models import null_class
 
 if TYPE_CHECKING:
+    from diffusers import SchedulerMixin, UNet2DModel
+
     from fedgen.privacy import DPSGD
 
 log = logging.getLogger(__name__)

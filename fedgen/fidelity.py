@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from torchmetrics.image.fid import FrechetInceptionDistance
+
+# scikit-learn and torchmetrics load where a figure is computed (on the server): this
+# module is imported wherever the strategies are, ClientApp processes included.
 
 
 class ReferenceClassifier:
@@ -22,6 +23,7 @@ class ReferenceClassifier:
         idx = rng.permutation(len(labels))[:max_train]
         # No feature scaling: border pixels that are (almost) constant in real images would
         # turn tiny synthetic deviations into huge z-scores and fail good samples.
+        from sklearn.linear_model import LogisticRegression
         self.model = LogisticRegression(max_iter=2000)
         self.model.fit(self._flat(images[idx]), labels[idx])
 
@@ -88,6 +90,7 @@ def frechet_distance(net: FeatureNet, real: np.ndarray, fake: np.ndarray) -> flo
     more images per set than ``net.num_features`` (NaN otherwise)."""
     if min(len(real), len(fake)) <= net.num_features:
         return float("nan")
+    from torchmetrics.image.fid import FrechetInceptionDistance
     fid = FrechetInceptionDistance(feature=net, normalize=False)
     for chunk in np.array_split(real, max(1, len(real) // 1000)):
         fid.update(torch.as_tensor(chunk), real=True)

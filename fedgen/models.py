@@ -13,20 +13,26 @@ import contextlib
 import json
 import threading
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
-import torchvision
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
-                       SchedulerMixin, UNet2DModel)
 
 from fedgen.config import ConfigError, RunConfig
 
-SAMPLER_CLASSES: dict[str, type[SchedulerMixin]] = {
-    "ddpm": DDPMScheduler,  # ancestral sampling, Ho et al. 2020 eq. 11
-    "ddim": DDIMScheduler,  # eta = 0, Song et al. 2021 eq. 12
-    "dpm-solver": DPMSolverMultistepScheduler,  # DPM-Solver++ (2M), Lu et al. 2022
+if TYPE_CHECKING:
+    from diffusers import DDPMScheduler, SchedulerMixin, UNet2DModel
+
+# diffusers and torchvision are imported where a model is built, not here: every process
+# that imports the package (each ClientApp process of a deployment round, each Ray worker,
+# a command that stops at a config error) would otherwise load both, about 4 s of a 2-core
+# CPU when only one or neither is needed.
+
+# The diffusers class of each sampler name.
+SAMPLER_CLASSES: dict[str, str] = {
+    "ddpm": "DDPMScheduler",  # ancestral sampling, Ho et al. 2020 eq. 11
+    "ddim": "DDIMScheduler",  # eta = 0, Song et al. 2021 eq. 12
+    "dpm-solver": "DPMSolverMultistepScheduler",  # DPM-Solver++ (2M), Lu et al. 2022
 }
 
 
@@ -69,6 +75,7 @@ def build_unet(cfg: RunConfig, channels: int, num_classes: int, image_size: int,
     """A fresh UNet (seeded), or the one saved under ``diffusion-init``."""
     if cfg.diffusion_init:
         return load_unet(cfg.diffusion_init, channels, num_classes, image_size)
+    from diffusers import UNet2DModel
     torch.manual_seed(seed)
     return UNet2DModel(**unet_config(cfg, channels, num_classes, image_size))
 
@@ -96,6 +103,7 @@ def load_unet(path: str, channels: int, num_classes: int, image_size: int,
     if not (folder / "config.json").is_file():
         raise ConfigError(f"diffusion-init {root}: no UNet found; expected a folder written "
                           f"by save_pretrained (config.json + weights), or its parent with unet/")
+    from diffusers import UNet2DModel
     unet = UNet2DModel.from_pretrained(folder)
     c = unet.config
     want = (channels, num_classes, image_size)
@@ -109,6 +117,7 @@ def load_unet(path: str, channels: int, num_classes: int, image_size: int,
 def build_scheduler(cfg: RunConfig) -> DDPMScheduler:
     """The ONE noise schedule: used by ``add_noise`` in training and, through
     ``from_config``, by every sampler."""
+    from diffusers import DDPMScheduler
     return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps,
                          beta_schedule=cfg.beta_schedule, beta_start=cfg.beta_start,
                          beta_end=cfg.beta_end, clip_sample=True,
@@ -119,13 +128,15 @@ def build_sampler(name: str, train_scheduler: SchedulerMixin) -> SchedulerMixin:
     """A sampler sharing the training schedule's betas."""
     if name not in SAMPLER_CLASSES:
         raise ValueError(f"unknown sampler {name!r}; allowed: {', '.join(SAMPLER_CLASSES)}")
-    return SAMPLER_CLASSES[name].from_config(train_scheduler.config)
+    import diffusers
+    return getattr(diffusers, SAMPLER_CLASSES[name]).from_config(train_scheduler.config)
 
 
 def build_classifier(cfg: RunConfig, channels: int, num_classes: int,
                      seed: int = 0) -> torch.nn.Module:
     """torchvision ResNet-18 with ``classifier-norm`` layers; the CIFAR stem is a 3x3
     stride-1 conv without max-pool."""
+    import torchvision
     torch.manual_seed(seed)
     model = torchvision.models.resnet18(num_classes=num_classes,
                                         norm_layer=NORM_LAYERS[cfg.classifier_norm])
@@ -193,6 +204,7 @@ def classifier_shell(cfg: RunConfig, channels: int, num_classes: int) -> torch.n
 def unet_shell(cfg: RunConfig, channels: int, num_classes: int, image_size: int) -> UNet2DModel:
     conf = unet_config(cfg, channels, num_classes, image_size)
     key = ("unet", *sorted((k, str(v)) for k, v in conf.items()))
+    from diffusers import UNet2DModel
     return reusable(key, lambda: UNet2DModel(**conf))
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
-from diffusers import DDPMPipeline, UNet2DModel
 from flwr.common import Parameters, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_proxy import ClientProxy
 
@@ -26,6 +26,9 @@ from fedgen.models import (build_sampler, build_scheduler, build_unet, get_weigh
 from fedgen.seeds import derive_seed
 from fedgen.server_opt import ServerOptimizer, ema_update
 from strategies.phased import EMPTY, Aggregated, Phase, PhasedFedAvg, Results
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DModel
 
 log = logging.getLogger(__name__)
 
@@ -287,6 +290,7 @@ class FedDiffAug(PhasedFedAvg):
 
     def save_unet(self) -> None:
         """The global DDPM, loadable by stock diffusers (``DDPMPipeline.from_pretrained``)."""
+        from diffusers import DDPMPipeline
         unet = self.global_unet()
         path = self.recorder.out / "ddpm"
         DDPMPipeline(unet=unet, scheduler=self.scheduler).save_pretrained(path)
