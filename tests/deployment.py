@@ -18,8 +18,8 @@ node config is the one the test asks for. The ``flwr`` CLI talks to it through a
 ``[superlink.NAME]`` entry in ``$FLWR_HOME/config.toml`` (``FLWR_HOME`` is temporary too).
 
 Every process is started in its own session (process group); ``stop()`` kills each group
-and every descendant it finds, and runs on ``__exit__`` whatever happened. The site-side
-processes run at a lower priority than the SuperLink (see ``NODE_NICE``).
+and every descendant it finds, and runs on ``__exit__`` whatever happened. Every
+process but the SuperLink runs at a lower priority (see ``NODE_NICE``).
 """
 
 from __future__ import annotations
@@ -49,7 +49,9 @@ BINARIES = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr")
 # cores. Flower 1.41's SQLite state gives up on a write lock after 5 s (busy_timeout 5000),
 # and a SuperLink starved of CPU by the ClientApps' torch work held its lock that long on a
 # 2-core CI machine ("database is locked" -> the ServerApp's pull failed, the run failed).
-# So the site side (SuperNode, its SuperExec and the ClientApps they start) runs niced.
+# So the site side (SuperNode, its SuperExec and the ClientApps they start) and the
+# ServerApp's SuperExec (with the ServerApp, whose generation round and evaluations are
+# CPU work as well) run niced: the SuperLink alone keeps the default priority.
 NODE_NICE = 10
 
 
@@ -321,8 +323,9 @@ class Deployment:
 
         link = self._start("superlink", self._argv("superlink", "flower-superlink",
                                                   port=self.ports["superlink"]))
+        # niced like the sites: the ServerApp it starts samples and evaluates on the CPU
         self._start("superexec-serverapp",
-                    self._argv("superexec-serverapp", "flower-superexec"))
+                    self._argv("superexec-serverapp", "flower-superexec"), nice=NODE_NICE)
         self._wait_port(self.ports["superlink"], link)
         self.timings["superlink"] = time.monotonic() - t0
 

@@ -103,9 +103,11 @@ def test_readme_custom_strategy_runs_through_ray(tmp_path):
     script = tmp_path / "custom_strategy.py"
     script.write_text(code)
     out = tmp_path / "custom"
-    proc = subprocess.run([sys.executable, str(script), "--out", str(out)], cwd=ROOT,
+    # extra arguments pass through (README); two arms keep the Ray run short
+    proc = subprocess.run([sys.executable, str(script), "--out", str(out),
+                           "--set", "arms=real,diffusion"], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
-    assert res["config"]["method"] == "half-gap"
+    assert res["config"]["method"] == "half-gap" and list(res["arms"]) == ["real", "diffusion"]
     assert all(e["steps"] > 0 for e in res["arms"].values())
