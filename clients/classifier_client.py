@@ -14,7 +14,7 @@ from clients.local import LocalData
 from fedgen.balancing import fill_to_max, noise_fill, oversample
 from fedgen.classifier import LossHook, evaluate, train_classifier
 from fedgen.difrc import Settings, Targets, node_targets
-from fedgen.losses import ndcr_hook, proximal, tdcl_hook
+from fedgen.losses import augment_weight, ndcr_hook, proximal, tdcl_hook
 from fedgen.models import classifier_shell, get_weights, set_weights
 from fedgen.seeds import derive_seed
 
@@ -89,9 +89,11 @@ class ClassifierClient(NumPyClient):
 
     def loss_hooks(self, model, config: dict) -> list[LossHook]:
         """Extra terms for the local loss of ``model`` (which holds the global weights
-        when this is called; none here: FedProx/FedDifRC-style methods override this
-        instead of copying the loop)."""
-        return []
+        when this is called). Here only the weight of the added rows (fit config
+        ``augment-loss-weight``, 1 = off); FedProx/FedDifRC-style methods extend this
+        instead of copying the loop."""
+        weight = float(config.get("augment-loss-weight", 1.0))
+        return [augment_weight(len(self.local.labels), weight)] if weight != 1.0 else []
 
     def fit(self, parameters, config):
         loc, cfg = self.local, self.local.cfg

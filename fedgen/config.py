@@ -228,6 +228,11 @@ class RunConfig:
                               "the server samples a grid (samples/round-NNN.png) and records "
                               "its fidelity; 0 = never.", low=0)
     noise_sigma: float = knob(0.1, "Pixel noise of the noise arm, in [-1, 1] units.", low=0.0)
+    augment_loss_weight: float = knob(1.0, "Weight of a classifier's cross-entropy on the "
+                                      "rows a client trains on beyond its own images (the "
+                                      "diffusion arm's synthetic images, the oversample and "
+                                      "noise arms' copies), relative to its own images' 1; "
+                                      "0 = those rows add no loss.", low=0.0)
     # --- classifier
     classifier_rounds: int = knob(4, "FedAvg rounds of ResNet-18 per arm.", low=1)
     local_epochs: int = knob(1, "Local epochs per classifier round.", low=1)

@@ -18,6 +18,23 @@ def proximal(model: torch.nn.Module, mu: float):
     return hook
 
 
+def augment_weight(num_real: int, weight: float):
+    """Weight the cross-entropy of the rows from ``num_real`` on (the rows a client trains
+    on beyond its own images, which come first) by ``weight`` instead of 1.
+
+    The loop's loss is the batch mean (1/B) sum_i CE_i; this term adds
+    (weight - 1)/B sum over the batch's added rows of CE_i, so the total is
+    (1/B) sum_i w_i CE_i with w_i = 1 for own images and ``weight`` for the rest.
+    """
+    def hook(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        added = batch["index"] >= num_real
+        ce = torch.nn.functional.cross_entropy(batch["logits"][added], batch["labels"][added],
+                                               reduction="sum")
+        return (weight - 1.0) * ce / len(batch["labels"])
+
+    return hook
+
+
 # ---------------------------------------------------------------------- FedDifRC
 # Wang et al. 2025 (methods.md E): the local embedding z (the classifier's penultimate
 # features, batch["features"]) is pulled toward per-sample diffusion targets.

@@ -447,7 +447,8 @@ class PhasedFedAvg(FedAvg):
                                      "class-names": ",".join(self.data.classes)}
         if phase.kind == "classify":
             config.update({"epochs": self.cfg.local_epochs, "batch-size": self.cfg.batch_size,
-                           "lr": self.cfg.lr})
+                           "lr": self.cfg.lr,
+                           "augment-loss-weight": self.cfg.augment_loss_weight})
         # Keyed to (seed, phase, round WITHIN the phase); clients mix in their partition
         # id (clients.local.LocalData.seed). Not the server round: an arm then trains
         # identically whichever phases ran before it, so methods compare on equal terms.
