@@ -162,9 +162,10 @@ class FedDiffAug(PhasedFedAvg):
         """The clients' UNets averaged (sample-weighted, or uniform: the original's compat),
         then the server update (``diffusion-server-opt``) and the EMA (``ema-decay``)."""
         uniform = self.cfg.diffusion_aggregation == "uniform"
-        average = self.aggregate_weights(results, uniform=uniform)
+        models = [parameters_to_ndarrays(r.parameters) for _, r in results]
+        average = self.aggregate_weights(results, uniform=uniform, models=models)
         if self.cfg.label_embedding_aggregation == "class-counts":
-            average = self.aggregate_label_rows(average, results, uniform)
+            average = self.aggregate_label_rows(average, results, uniform, models)
         self.unet_weights = self.server_opt.step(self.unet_weights, average)
         extra = self.correct(phase, rnd)
         if self.cfg.ema_decay > 0:
@@ -181,10 +182,12 @@ class FedDiffAug(PhasedFedAvg):
         return ndarrays_to_parameters(self.unet_weights), self._train_metrics
 
     def aggregate_label_rows(self, average: list[np.ndarray], results: Results,
-                             uniform: bool) -> list[np.ndarray]:
+                             uniform: bool, models: list[list[np.ndarray]]
+                             ) -> list[np.ndarray]:
         """``label-embedding-aggregation=class-counts``: the class-embedding table of the
         average re-mixed row by row, row c weighted by each client's count of class c (its
-        stats-round histogram), the null row like every other weight."""
+        stats-round histogram), the null row like every other weight. ``models``: the
+        replies' arrays, in the order of ``results``."""
         keys = list(unet_shell(self.cfg, self.data.channels, self.data.num_classes,
                                self.data.image_size).state_dict())
         at = keys.index("class_embedding.weight")
@@ -192,7 +195,7 @@ class FedDiffAug(PhasedFedAvg):
         rows = [np.append(np.clip(self.histograms.get(self.partition_of.get(c.cid), none),
                                   0, None), 1.0 if uniform else float(r.num_examples))
                 for c, r in results]
-        tables = [parameters_to_ndarrays(r.parameters)[at] for _, r in results]
+        tables = [arrays[at] for arrays in models]
         average[at] = rowwise_average(tables, np.stack(rows), average[at])
         return average
 

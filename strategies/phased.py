@@ -502,12 +502,15 @@ class PhasedFedAvg(FedAvg):
         is the same for every client, CollaFuse adds the client's cut point."""
         return config
 
-    def aggregate_weights(self, results: Results, uniform: bool = False) -> list[np.ndarray]:
+    def aggregate_weights(self, results: Results, uniform: bool = False,
+                          models: list[list[np.ndarray]] | None = None) -> list[np.ndarray]:
         """Sample-weighted FedAvg of the clients' arrays (``uniform``: plain mean). Under
         central DP for the round's model (``dp-clipping-norm``) the uniform mean of the
         clipped updates plus Gaussian noise (:mod:`fedgen.privacy`), whatever ``uniform``
-        says: the noise is calibrated to that mean."""
-        models = [parameters_to_ndarrays(r.parameters) for _, r in results]
+        says: the noise is calibrated to that mean. ``models``: the replies' arrays when
+        the caller has deserialised them already."""
+        if models is None:
+            models = [parameters_to_ndarrays(r.parameters) for _, r in results]
         phase, _ = self.locate(self._fit_round)
         if self.privacy.mechanism(phase.kind) and self._sent_weights is not None:
             asked = self._asked.get(self._fit_round, len(results))
