@@ -11,13 +11,17 @@ from flwr.common import parameters_to_ndarrays
 
 from fedgen.balancing import fill_to_max
 from fedgen.methods import METHODS
+from fedgen.server_app import build_strategy
 
 
 def test_each_client_gets_its_own_class_balancing_batch(tmp_path):
-    cfg = tiny_config(tmp_path)
-    strategy, proxies = run_in_process(cfg)
-    kinds = [p.kind for p in strategy.phases]
+    # the default arms: a classify phase each, after the generative ones
+    kinds = [p.kind for p in build_strategy(tiny_config(tmp_path / "all")).phases]
     assert kinds == ["stats", "diffusion", "generation", *["classify"] * 4]
+    # what the generation round ships needs only the arm that uses it
+    cfg = tiny_config(tmp_path, arms="diffusion")
+    strategy, proxies = run_in_process(cfg)
+    assert [p.kind for p in strategy.phases] == ["stats", "diffusion", "generation", "classify"]
     gen_round = 1 + cfg.diffusion_rounds + 1
     payloads = {}
     for proxy in proxies:
