@@ -22,6 +22,7 @@ from clients.diffusion_client import DiffusionClient
 from clients.local import LocalData, NodeConfigError, SyntheticStore
 from clients.sd_client import SDClient
 from clients.sdedit_client import SDEditClient
+from fedgen.wire import pack, unpack
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class PhaseRouter(Client):
     out of range, ...) answers every round with a non-OK status whose message names its
     node config, so the server knows which node failed and why. After the run's last
     round (``last-round`` in the fit config) the synthetic-batch store is removed.
+    Arrays travel packed into one tensor each way (:mod:`fedgen.wire`).
     """
 
     def __init__(self, local: LocalData | DataLoader,
@@ -80,10 +82,10 @@ class PhaseRouter(Client):
             local.use_run_key(str(ins.config["run-key"]))
         start = time.perf_counter()
         weights, n, metrics = self.handler(local, ins.config).fit(
-            parameters_to_ndarrays(ins.parameters), dict(ins.config))
+            parameters_to_ndarrays(unpack(ins.parameters)), dict(ins.config))
         if ins.config.get("last-round"):
             local.store.clear()
-        return FitRes(OK, ndarrays_to_parameters(weights), n,
+        return FitRes(OK, pack(ndarrays_to_parameters(weights)), n,
                       {**metrics, **local.identity,
                        "client-seconds": time.perf_counter() - start})
 
@@ -96,7 +98,7 @@ class PhaseRouter(Client):
         if ins.config.get("run-key"):
             local.use_run_key(str(ins.config["run-key"]))
         loss, n, metrics = self.handler(local, ins.config).evaluate(
-            parameters_to_ndarrays(ins.parameters), dict(ins.config))
+            parameters_to_ndarrays(unpack(ins.parameters)), dict(ins.config))
         return EvaluateRes(OK, float(loss), n, {**metrics, **local.identity})
 
 

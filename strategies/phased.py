@@ -31,6 +31,7 @@ from fedgen.models import (build_classifier, classifier_shell, device, get_weigh
 from fedgen.privacy import Ledger
 from fedgen.results import Recorder
 from fedgen.seeds import derive_seed
+from fedgen.wire import pack, unpack
 from strategies.roster import Roster, needed
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def update_norm(arrays: list[np.ndarray], sent: list[np.ndarray]) -> float:
 
 
 def payload_bytes(parameters: Parameters) -> int:
-    """Bytes of a message's arrays as they travel (numpy's serialised form)."""
+    """Bytes of a message's arrays as they travel (numpy's serialised form, packed)."""
     return sum(len(t) for t in parameters.tensors)
 
 
@@ -204,7 +205,8 @@ class PhasedFedAvg(FedAvg):
         sent = parameters if phase.sends_weights else EMPTY
         clients = self.select_clients(phase, server_round, client_manager)
         self.roster.asked("fit", server_round, clients)
-        messages = [(client, FitIns(self.payload_for(phase, client, sent),
+        # packed into one tensor for the trip (fedgen.wire); the hooks see plain Parameters
+        messages = [(client, FitIns(pack(self.payload_for(phase, client, sent)),
                                     self.config_for(phase, client, dict(config))))
                     for client in clients]
         self._sent_weights = parameters_to_ndarrays(sent) if phase.sends_weights else None
@@ -244,15 +246,25 @@ class PhasedFedAvg(FedAvg):
     WEIGHT_PHASES = ("classify", "diffusion", "local-ddpm")
 
     def screen(self, server_round: int, results: Results) -> Results:
-        """Reject replies that would poison the global model: arrays with NaN/Inf (any
-        phase); for weight phases also a wrong number or shape of arrays, or an update
-        norm above ``max-update-norm-ratio`` x the round's median. Rejections are logged
-        and recorded in results.json ``rejected``; too few survivors fail the round."""
+        """Unpack each reply's arrays (:mod:`fedgen.wire`) and reject those that would
+        poison the global model: unreadable arrays or arrays with NaN/Inf (any phase);
+        for weight phases also a wrong number or shape of arrays, or an update norm above
+        ``max-update-norm-ratio`` x the round's median. Rejections are logged and recorded
+        in results.json ``rejected``; too few survivors fail the round. Returns the kept
+        replies, unpacked."""
         phase, rnd = self.locate(server_round)
         sent = self._sent_weights if phase.kind in self.WEIGHT_PHASES else None
-        kept, norms, reasons = [], {}, {}
+        kept, norms, reasons, opened = [], {}, {}, []
         for client, res in results:
-            arrays = parameters_to_ndarrays(res.parameters)
+            try:
+                res = FitRes(res.status, unpack(res.parameters), res.num_examples,
+                             res.metrics)
+                arrays = parameters_to_ndarrays(res.parameters)
+            except (ValueError, EOFError) as exc:   # not a packed or numpy payload
+                reasons[client.cid] = f"unreadable arrays ({exc})"
+                opened.append((client, res))
+                continue
+            opened.append((client, res))
             reason = update_problem(arrays, sent)
             if reason is None and sent is not None:
                 norms[client.cid] = update_norm(arrays, sent)
@@ -268,7 +280,7 @@ class PhasedFedAvg(FedAvg):
                     reasons[cid] = (f"update norm {norm:.3g} is {norm / median:.1f}x the "
                                     f"round's median {median:.3g} (max-update-norm-ratio="
                                     f"{ratio:g})")
-        for client, res in results:
+        for client, res in opened:
             if client.cid in reasons:
                 node = self.roster.label(client.cid)
                 self.recorder.log_rejection(phase.name, rnd, server_round, node,
@@ -347,6 +359,7 @@ class PhasedFedAvg(FedAvg):
         clients = self.roster.members(client_manager.all().values())
         self.roster.asked("evaluate", server_round, clients)
         config = {**self.fit_config(phase, rnd, server_round), "evaluate": True}
+        parameters = pack(parameters)
         self._sent_bytes[("evaluate", server_round)] = {
             c.cid: payload_bytes(parameters) for c in clients}
         return [(c, EvaluateIns(parameters, dict(config))) for c in clients]

@@ -17,13 +17,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 import pytest
 import torch
-from flwr.common import FitRes, parameters_to_ndarrays
+from flwr.common import EvaluateIns, FitIns, FitRes, parameters_to_ndarrays
 from flwr.server.client_proxy import ClientProxy
 
 import fedgen.inprocess
 from fedgen.config import RunConfig
 from fedgen.methods import METHODS
 from fedgen.server_app import build_strategy
+from fedgen.wire import unpack
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,20 +41,26 @@ def tiny_config(tmp_path: Path, **changes) -> RunConfig:
 
 class InProcessProxy(fedgen.inprocess.InProcessProxy):
     """The in-process proxy of ``run_simulation.py --backend inprocess``, keeping every
-    message it carried (``received``, and its fit replies in ``replied``) for the tests."""
+    message it carried (``received``, and its fit replies in ``replied``) for the tests,
+    with their arrays unpacked (:mod:`fedgen.wire`): the arrays as the two sides' code
+    sees them. ``wire`` keeps each fit message and reply as it travelled."""
 
     def __init__(self, cid: str, cfg: RunConfig, node: int | dict):
         super().__init__(cid, cfg, node, METHODS[cfg.method].clients)
         self.received: list = []
         self.replied: list = []
+        self.wire: list = []
 
     def fit(self, ins, timeout, group_id) -> FitRes:
-        self.received.append(ins)
-        self.replied.append(super().fit(ins, timeout, group_id))
-        return self.replied[-1]
+        res = super().fit(ins, timeout, group_id)
+        self.wire.append((ins, res))
+        self.received.append(FitIns(unpack(ins.parameters), ins.config))
+        self.replied.append(FitRes(res.status, unpack(res.parameters), res.num_examples,
+                                   res.metrics))
+        return res
 
     def evaluate(self, ins, timeout, group_id):
-        self.received.append(ins)
+        self.received.append(EvaluateIns(unpack(ins.parameters), ins.config))
         return super().evaluate(ins, timeout, group_id)
 
 

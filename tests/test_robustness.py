@@ -45,7 +45,7 @@ class PoisonedProxy(InProcessProxy):
     def __init__(self, cid, cfg, node, client_class):
         fedgen.inprocess.InProcessProxy.__init__(self, cid, cfg, node,
                                                  {**PHASE_CLIENTS, "classify": client_class})
-        self.received, self.replied = [], []
+        self.received, self.replied, self.wire = [], [], []
 
 
 @pytest.mark.parametrize("bad,words", [(NaNClient, "NaN or Inf"), (ShapeClient, "arrays"),
