@@ -11,8 +11,9 @@ even when a run fails), and ``results.json`` must say which node failed, in whic
 and why.
 
 One deployment and one run for all of it: every round costs a fresh ClientApp process per
-node (Flower starts one per message), 17-56 s per one-round phase on a 2-core host alone,
-so the refusal, the failures and the phases share one start-up and one run.
+node (Flower starts one per message), 19-27 s per one-round phase on a 2-core host alone
+(``benchmarks/deployment.py``; this test took 156 s in a suite run alone), so the refusal,
+the failures and the phases share one start-up and one run.
 """
 
 from __future__ import annotations
