@@ -205,10 +205,18 @@ class PhasedFedAvg(FedAvg):
         sent = parameters if phase.sends_weights else EMPTY
         clients = self.select_clients(phase, server_round, client_manager)
         self.roster.asked("fit", server_round, clients)
-        # packed into one tensor for the trip (fedgen.wire); the hooks see plain Parameters
-        messages = [(client, FitIns(pack(self.payload_for(phase, client, sent)),
-                                    self.config_for(phase, client, dict(config))))
-                    for client in clients]
+        # Packed into one tensor for the trip (fedgen.wire); the hooks see plain Parameters.
+        # Each distinct payload is packed once: the weights every client gets stay one
+        # copy, not one per client. The payload is kept beside its packed form, so its
+        # id() cannot be reused by a later client's payload.
+        packed: dict[int, tuple[Parameters, Parameters]] = {}
+        messages = []
+        for client in clients:
+            payload = self.payload_for(phase, client, sent)
+            if id(payload) not in packed:
+                packed[id(payload)] = (payload, pack(payload))
+            messages.append((client, FitIns(packed[id(payload)][1],
+                                            self.config_for(phase, client, dict(config)))))
         self._sent_weights = parameters_to_ndarrays(sent) if phase.sends_weights else None
         self._sent_bytes[("fit", server_round)] = {c.cid: payload_bytes(ins.parameters)
                                                    for c, ins in messages}
@@ -261,10 +269,10 @@ class PhasedFedAvg(FedAvg):
                              res.metrics)
                 arrays = parameters_to_ndarrays(res.parameters)
             except (ValueError, EOFError) as exc:   # not a packed or numpy payload
-                reasons[client.cid] = f"unreadable arrays ({exc})"
-                opened.append((client, res))
-                continue
+                arrays, reasons[client.cid] = None, f"unreadable arrays ({exc})"
             opened.append((client, res))
+            if arrays is None:
+                continue
             reason = update_problem(arrays, sent)
             if reason is None and sent is not None:
                 norms[client.cid] = update_norm(arrays, sent)

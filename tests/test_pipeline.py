@@ -41,6 +41,9 @@ def test_each_client_gets_its_own_class_balancing_batch(tmp_path):
     assert proxies[0].received[0].parameters.tensors == []
     assert proxies[0].received[1].config["phase"] == "diffusion"
     assert len(proxies[0].received[1].parameters.tensors) > 0
+    # the UNet every client gets is packed once: one packed copy, not one per client
+    assert len({id(p.wire[1][0].parameters) for p in proxies}) == 1
+    assert len({id(p.wire[gen_round - 1][0].parameters) for p in proxies}) == len(proxies)
 
 
 def test_run_writes_results_plots_and_checkpoint(tmp_path):
