@@ -12,7 +12,7 @@ from flwr.client import NumPyClient
 
 from clients.local import LocalData
 from fedgen.balancing import fill_to_max, noise_fill, oversample
-from fedgen.classifier import LossHook, evaluate, train_classifier
+from fedgen.classifier import LossHook, evaluate, screen_added, train_classifier
 from fedgen.difrc import Settings, Targets, node_targets
 from fedgen.losses import augment_weight, ndcr_hook, proximal, tdcl_hook
 from fedgen.models import classifier_shell, get_weights, set_weights
@@ -103,6 +103,7 @@ class ClassifierClient(NumPyClient):
         images, labels = self.training_sets[arm](loc, arm)
         model = classifier_shell(cfg, loc.data.channels, loc.data.num_classes)
         set_weights(model, parameters)
+        images, labels, dropped = self.screen(model, images, labels, config)
         hooks = self.loss_hooks(model, config)
         stats = train_classifier(model, images, labels, epochs=int(config["epochs"]),
                                  batch_size=int(config["batch-size"]), lr=float(config["lr"]),
@@ -111,7 +112,22 @@ class ClassifierClient(NumPyClient):
                                  loss_hooks=hooks)
         for hook in hooks:   # hooks that keep their mean value report it (losses.TermHook)
             stats.update(getattr(hook, "metrics", dict)())
-        return get_weights(model), len(labels), {**stats, "samples": len(labels)}
+        return get_weights(model), len(labels), {**stats, "samples": len(labels),
+                                                 "augment-dropped": dropped}
+
+    def screen(self, model, images: np.ndarray, labels: np.ndarray,
+               config: dict) -> tuple[np.ndarray, np.ndarray, int]:
+        """The rows this round trains on, and how many added rows were left out: with fit
+        config ``augment-filter`` > 0, from round ``augment-filter-from`` on, the added
+        rows whose label ``model`` (the global weights just received) gives a probability
+        below it (:func:`fedgen.classifier.screen_added`)."""
+        threshold = float(config.get("augment-filter", 0.0))
+        start = int(config.get("augment-filter-from", 2))
+        if threshold <= 0 or int(config.get("round", 1)) < start:
+            return images, labels, 0
+        keep = screen_added(model, images, labels, len(self.local.labels), threshold,
+                            self.local.device)
+        return images[keep], labels[keep], int((~keep).sum())
 
     def evaluate(self, parameters, config):
         """The global model on this node's held-out test images (evaluation=clients/both):

@@ -74,3 +74,34 @@ def evaluate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray,
                  for c in range(num_classes)]
     return {"accuracy": float((pred == y_np).mean()), "loss": loss / max(len(y_np), 1),
             "per_class_accuracy": per_class}
+
+
+@torch.no_grad()
+def label_probability(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray,
+                      device: torch.device, batch_size: int = 1000) -> np.ndarray:
+    """The softmax probability ``model`` (in eval mode) gives each row's label."""
+    model.to(device).eval()
+    out = []
+    for start in range(0, len(labels), batch_size):
+        x = to_float(images[start:start + batch_size]).to(device)
+        y = torch.as_tensor(labels[start:start + batch_size], dtype=torch.long, device=device)
+        prob = torch.softmax(model(x).float(), dim=1)
+        out.append(prob.gather(1, y[:, None])[:, 0].cpu())
+    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
+
+
+def screen_added(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray,
+                 num_own: int, threshold: float, device: torch.device) -> np.ndarray:
+    """Keep-mask of a training set whose first ``num_own`` rows are the client's own
+    images and the rest added rows (synthetic, copied, noisy): own rows are always kept,
+    an added row when ``model`` gives its label a probability of at least ``threshold``.
+
+    The judge is whatever model the caller passes; the classifier client passes the global
+    model it just received (federated: no central data), so a generated image that looks
+    like another digit than its label says is left out.
+    """
+    keep = np.ones(len(labels), dtype=bool)
+    if threshold > 0 and len(labels) > num_own:
+        prob = label_probability(model, images[num_own:], labels[num_own:], device)
+        keep[num_own:] = prob >= threshold
+    return keep

@@ -233,6 +233,15 @@ class RunConfig:
                                       "diffusion arm's synthetic images, the oversample and "
                                       "noise arms' copies), relative to its own images' 1; "
                                       "0 = those rows add no loss.", low=0.0)
+    augment_filter: float = knob(0.0, "Screen the rows a client adds to its own images "
+                                 "(synthetic, copied, noisy) with the global classifier it "
+                                 "receives: from classify round augment-filter-from on, a "
+                                 "row whose label that model gives a softmax probability "
+                                 "below this is left out of the round's training; 0 = off.",
+                                 low=0.0, high=1.0)
+    augment_filter_from: int = knob(2, "First classify round (within an arm) of "
+                                    "augment-filter; round 1's global model is the untrained "
+                                    "initial classifier.", low=1)
     # --- classifier
     classifier_rounds: int = knob(4, "FedAvg rounds of ResNet-18 per arm.", low=1)
     local_epochs: int = knob(1, "Local epochs per classifier round.", low=1)

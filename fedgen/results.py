@@ -22,7 +22,8 @@ from fedgen.config import RunConfig
 log = logging.getLogger(__name__)
 
 CSV_FIELDS = ("arm", "round", "server_round", "accuracy", "loss", "client_accuracy",
-              "train_loss", "steps", "train_samples", "seconds", "client_seconds")
+              "train_loss", "steps", "train_samples", "seconds", "client_seconds",
+              "augment_dropped")
 
 
 def _clean(value: Any) -> Any:
@@ -187,7 +188,8 @@ class Recorder:
                "client_accuracy": clients["accuracy"] if clients else None,
                "train_loss": train.get("loss"), "steps": train.get("steps"),
                "train_samples": train.get("samples"), "seconds": seconds,
-               "client_seconds": round(train.get("client_seconds", 0.0), 3)}
+               "client_seconds": round(train.get("client_seconds", 0.0), 3),
+               "augment_dropped": train.get("augment_dropped", 0)}
         with open(self._csv, "a", newline="") as fh:
             csv.writer(fh).writerow([row[k] for k in CSV_FIELDS])
         entry = self.results["arms"].setdefault(arm, {"history": [], "steps": 0})

@@ -444,6 +444,9 @@ class PhasedFedAvg(FedAvg):
                  "clients'" if self.cfg.evaluation == "clients" else "test",
                  100 * test["accuracy"], self._train_metrics.get("loss", float("nan")),
                  self._train_metrics.get("samples", 0))
+        if self._train_metrics.get("augment_dropped"):
+            log.info("[%s] round %d/%d  augment-filter left out %d added rows", phase.name,
+                     rnd, phase.rounds, self._train_metrics["augment_dropped"])
         if clients is not None and self.cfg.evaluation == "both":
             log.info("[%s] round %d/%d  clients' accuracy %.2f%%", phase.name, rnd,
                      phase.rounds, 100 * clients["accuracy"])
@@ -469,7 +472,9 @@ class PhasedFedAvg(FedAvg):
         if phase.kind == "classify":
             config.update({"epochs": self.cfg.local_epochs, "batch-size": self.cfg.batch_size,
                            "lr": self.cfg.lr,
-                           "augment-loss-weight": self.cfg.augment_loss_weight})
+                           "augment-loss-weight": self.cfg.augment_loss_weight,
+                           "augment-filter": self.cfg.augment_filter,
+                           "augment-filter-from": self.cfg.augment_filter_from})
         # Keyed to (seed, phase, round WITHIN the phase); clients mix in their partition
         # id (clients.local.LocalData.seed). Not the server round: an arm then trains
         # identically whichever phases ran before it, so methods compare on equal terms.
@@ -600,6 +605,8 @@ class PhasedFedAvg(FedAvg):
                 "client_seconds": float(sum(float(r.metrics.get("client-seconds", 0.0))
                                             for _, r in results)),
                 "samples": int(sum(n)),
+                "augment_dropped": int(sum(int(r.metrics.get("augment-dropped", 0))
+                                           for _, r in results)),
                 "loss": float(np.average(losses, weights=n)) if sum(n) else float("nan")}
 
     def _classifier(self, seed: int = 0):

@@ -1,0 +1,125 @@
+"""augment-filter: the rows a client adds to its own images are screened by the global
+classifier it received; an added row whose label that model finds improbable is left out
+of the round."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from clients import ClassifierClient
+from clients.local import LocalData
+from fedgen.classifier import label_probability, screen_added
+from fedgen.config import ConfigError, RunConfig
+from fedgen.models import classifier_shell, get_weights, set_weights
+from fedgen.server_app import build_strategy
+from tests.conftest import run_in_process, tiny_config
+
+
+class RowLookup(torch.nn.Module):
+    """Logits read from a table by the row number written into pixel (0, 0) of each
+    image (to_float maps v to v / 127.5 - 1)."""
+
+    def __init__(self, probs: np.ndarray):
+        super().__init__()
+        self.register_buffer("logp", torch.log(torch.as_tensor(probs, dtype=torch.float32)))
+
+    def forward(self, x):
+        rows = torch.round((x[:, 0, 0, 0] + 1) * 127.5).long()
+        return self.logp[rows]
+
+
+def test_added_rows_below_the_threshold_are_left_out_own_rows_never():
+    probs = np.array([[0.9, 0.05, 0.05],    # own rows: 0-2
+                      [0.1, 0.8, 0.1],
+                      [0.3, 0.3, 0.4],
+                      [0.2, 0.7, 0.1],      # added rows: 3-6
+                      [0.6, 0.3, 0.1],
+                      [0.1, 0.1, 0.8],
+                      [0.5, 0.25, 0.25]])
+    images = np.zeros((7, 1, 4, 4), dtype=np.uint8)
+    images[:, 0, 0, 0] = np.arange(7)
+    labels = np.array([2, 0, 1, 1, 1, 0, 0])   # own rows' labels improbable: still kept
+    model, cpu = RowLookup(probs), torch.device("cpu")
+    assert np.allclose(label_probability(model, images, labels, cpu),
+                       [0.05, 0.1, 0.3, 0.7, 0.3, 0.1, 0.5])
+    keep = screen_added(model, images, labels, num_own=3, threshold=0.4, device=cpu)
+    assert keep.tolist() == [True, True, True, True, False, False, True]
+    keep = screen_added(model, images, labels, num_own=3, threshold=0.5, device=cpu)
+    assert keep.tolist() == [True, True, True, True, False, False, True]   # 0.5 >= 0.5
+    keep = screen_added(model, images, labels, num_own=3, threshold=0.51, device=cpu)
+    assert keep.tolist() == [True, True, True, True, False, False, False]
+    assert screen_added(model, images, labels, 3, 0.0, cpu).all()          # off
+    assert screen_added(model, images, labels, 7, 0.99, cpu).all()         # nothing added
+
+
+def _client_and_config(tmp_path, **changes):
+    cfg = tiny_config(tmp_path, arms="real,oversample", **changes)
+    strategy = build_strategy(cfg)
+    phases = {p.arm: p for p in strategy.phases if p.kind == "classify"}
+    local = LocalData.from_node(cfg, {"partition-id": 0}, run_id=0)
+    start = get_weights(classifier_shell(cfg, local.data.channels, local.data.num_classes))
+    return cfg, strategy, phases, ClassifierClient(local), start
+
+
+def test_the_client_screens_from_the_configured_round_with_the_weights_it_received(tmp_path):
+    cfg, strategy, phases, client, start = _client_and_config(
+        tmp_path, augment_filter=1.0, augment_filter_from=2)
+    own = len(client.local.labels)
+    r1 = strategy.fit_config(phases["oversample"], 1, 3)
+    r2 = strategy.fit_config(phases["oversample"], 2, 4)
+    assert (r2["augment-filter"], r2["augment-filter-from"]) == (1.0, 2)
+    # round 1: nothing screened, the copies train
+    _, n1, m1 = client.fit(start, r1)
+    assert n1 > own and m1["augment-dropped"] == 0
+    # round 2 at threshold 1: every copy left out (no softmax probability reaches 1), so
+    # the oversample arm trains exactly what the real arm trains with the same seed
+    w2, n2, m2 = client.fit(start, r2)
+    assert n2 == own and m2["augment-dropped"] == n1 - own
+    real = {**strategy.fit_config(phases["real"], 2, 2), "seed": r2["seed"]}
+    w_real, n_real, _ = client.fit(start, real)
+    assert n_real == own
+    assert all(np.array_equal(a, b) for a, b in zip(w2, w_real))
+
+
+def test_the_client_leaves_out_exactly_the_rows_below_the_threshold(tmp_path):
+    cfg, strategy, phases, client, start = _client_and_config(tmp_path)
+    local = client.local
+    images, labels = client.training_sets["oversample"](local, "oversample")
+    model = classifier_shell(cfg, local.data.channels, local.data.num_classes)
+    set_weights(model, start)
+    prob = label_probability(model, images[len(local.labels):], labels[len(local.labels):],
+                             local.device)
+    threshold = float(np.median(prob))
+    below = int((prob < threshold).sum())
+    assert 0 < below < len(prob)
+    config = {**strategy.fit_config(phases["oversample"], 2, 4), "augment-filter": threshold}
+    _, n, metrics = client.fit(start, config)
+    assert metrics["augment-dropped"] == below and n == len(labels) - below
+    # off (0), or a round before augment-filter-from: every row trains
+    for off in ({"augment-filter": 0.0}, {"augment-filter-from": 3}):
+        _, n, metrics = client.fit(start, {**config, **off})
+        assert n == len(labels) and metrics["augment-dropped"] == 0
+
+
+def test_a_run_records_the_rows_left_out_per_round(tmp_path):
+    cfg = tiny_config(tmp_path, arms="oversample", classifier_rounds=2,
+                      augment_filter=1.0)
+    run_in_process(cfg)
+    rows = list(csv.DictReader(open(tmp_path / "out" / "rounds.csv")))
+    assert [int(r["augment_dropped"]) for r in rows][0] == 0
+    dropped = int(rows[1]["augment_dropped"])
+    assert dropped > 0
+    history = json.loads((tmp_path / "out" / "results.json").read_text())["arms"]["oversample"]
+    assert [h["augment_dropped"] for h in history["history"]] == [0, dropped]
+    # every copy left out in round 2: only the clients' own images trained
+    assert history["history"][1]["train_samples"] == history["history"][0]["train_samples"] - dropped
+
+
+@pytest.mark.parametrize("key, value", [("augment-filter", 1.5), ("augment-filter", -0.1),
+                                        ("augment-filter-from", 0)])
+def test_bad_filter_settings_are_config_errors(key, value):
+    with pytest.raises(ConfigError, match=key):
+        RunConfig.from_mapping({key: value})
