@@ -242,6 +242,17 @@ class RunConfig:
     augment_filter_from: int = knob(2, "First classify round (within an arm) of "
                                     "augment-filter; round 1's global model is the untrained "
                                     "initial classifier.", low=1)
+    synthetic_judge: str = knob("", "Screen the generative arm's synthetic rows on the "
+                                "server with the final global classifier of this earlier "
+                                "arm (a federated model, no central data): a row whose "
+                                "label it gives a softmax probability below "
+                                "synthetic-judge-threshold is left out of every classify "
+                                "round of the generative arm (results.json "
+                                "synthetic_screen); the arm must come before the generative "
+                                "one in arms; empty = off.",
+                                choices=("", "real", "oversample", "noise"))
+    synthetic_judge_threshold: float = knob(0.5, "Probability below which synthetic-judge "
+                                            "leaves a synthetic row out.", low=0.0, high=1.0)
     # --- classifier
     classifier_rounds: int = knob(4, "FedAvg rounds of ResNet-18 per arm.", low=1)
     local_epochs: int = knob(1, "Local epochs per classifier round.", low=1)

@@ -46,6 +46,7 @@ class CollaFuse(FedDiffAug):
 
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
+        super().check_config(cfg)
         if "diffusion" in cfg.arm_list and cfg.diffusion_rounds < 1:
             raise ConfigError("method collafuse trains its split DDPM in diffusion-rounds "
                               "rounds; set diffusion-rounds >= 1")

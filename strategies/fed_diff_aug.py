@@ -20,6 +20,8 @@ from fedgen import plots
 from fedgen.aggregation import rowwise_average
 from fedgen.balancing import fill_to_max, present_only
 from fedgen.diffusion import sample
+from fedgen.classifier import label_probability
+from fedgen.config import ConfigError
 from fedgen.fidelity import Judge
 from fedgen.models import (build_sampler, build_scheduler, build_unet, get_weights,
                            set_weights, unet_shell)
@@ -53,7 +55,7 @@ class FedDiffAug(PhasedFedAvg):
     # (Not the quality judge: refitted from its seed it gives the same figures; a pickled
     # copy's feature network moved a Fréchet distance in the 4th digit.)
     checkpoint_attrs = ("unet_weights", "ema_weights", "synthetic", "client_plan",
-                        "edit_weights", "server_opt")
+                        "edit_weights", "server_opt", "judge_weights", "synthetic_keep")
 
     def __init__(self, *args, **kwargs):
         self.unet_weights: list[np.ndarray] | None = None   # the global UNet
@@ -61,12 +63,28 @@ class FedDiffAug(PhasedFedAvg):
         self.synthetic: dict[int, Batch] = {}
         self.client_plan: dict[int, np.ndarray] = {}  # counts clients make themselves
         self.edit_weights: list[np.ndarray] = []
+        self.judge_weights: list[np.ndarray] | None = None   # synthetic-judge's classifier
+        self.synthetic_keep: dict[int, np.ndarray] = {}      # its keep-mask per batch
         super().__init__(*args, **kwargs)
         self.scheduler = build_scheduler(self.cfg)
         self.server_opt = ServerOptimizer(self.cfg.diffusion_server_opt,
                                           self.cfg.diffusion_server_lr,
                                           self.cfg.diffusion_server_momentum)
         self._judge: Judge | None = None
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """``synthetic-judge`` needs its arm to run before the generative one, and
+        batches the server made (it screens them)."""
+        judge, arms = cfg.synthetic_judge, cfg.arm_list
+        if not judge or cls.generative_arm not in arms:
+            return
+        if judge not in arms or arms.index(judge) > arms.index(cls.generative_arm):
+            raise ConfigError(f"synthetic-judge={judge}: arms must run {judge} before "
+                              f"{cls.generative_arm} (arms={','.join(arms)})")
+        if cfg.generation == "sdedit":
+            raise ConfigError("synthetic-judge screens batches the server made; under "
+                              "generation=sdedit the clients make their own")
 
     def plan(self) -> list[Phase]:
         if self.generative_arm not in self.arms:
@@ -103,7 +121,67 @@ class FedDiffAug(PhasedFedAvg):
         elif phase.kind == self.generation_kind():   # each client makes its own batch
             self.client_plan = self.client_deficits(self.deficit_plan(self.histograms))
             self._t0 = time.perf_counter()
+        elif phase.kind == "classify" and phase.arm == self.generative_arm \
+                and self.cfg.synthetic_judge:
+            self.synthetic_keep = self.screen_synthetic()
         return start
+
+    def aggregate_classifier(self, phase: Phase, rnd: int, results: Results) -> Aggregated:
+        """FedAvg; the ``synthetic-judge`` arm's last global model is kept as the judge."""
+        parameters, metrics = super().aggregate_classifier(phase, rnd, results)
+        if phase.arm == self.cfg.synthetic_judge and rnd == phase.rounds:
+            self.judge_weights = parameters_to_ndarrays(parameters)
+        return parameters, metrics
+
+    def screen_synthetic(self) -> dict[int, np.ndarray]:
+        """Keep-masks of the synthetic batches the server shipped: a row is kept when the
+        final global classifier of arm ``synthetic-judge`` (federated: FedAvg over the
+        clients' own data) gives its label a probability of at least
+        ``synthetic-judge-threshold``. The clients apply them (fit config
+        ``synthetic-keep``); results.json ``synthetic_screen`` records what was kept and
+        the reference classifier's fidelity of the kept and the left-out rows."""
+        if self.judge_weights is None:
+            self.fail(f"synthetic-judge={self.cfg.synthetic_judge}: that arm's classifier "
+                      f"is missing (did its phase run?)")
+        if not self.synthetic:
+            log.warning("synthetic-judge: the server holds no synthetic batches (the "
+                        "clients made their own); nothing screened")
+            return {}
+        model = self._classifier()
+        set_weights(model, self.judge_weights)
+        keep = {pid: label_probability(model, images, labels, self.device)
+                >= self.cfg.synthetic_judge_threshold
+                for pid, (images, labels) in self.synthetic.items()}
+        images = np.concatenate([b[0] for b in self.synthetic.values()])
+        labels = np.concatenate([b[1] for b in self.synthetic.values()])
+        mask = np.concatenate(list(keep.values()))
+        reference = self.judge()
+
+        def fidelity(rows):
+            return reference.fidelity(images[rows], labels[rows]) \
+                if reference is not None and rows.any() else None
+
+        section = {"judge": self.cfg.synthetic_judge,
+                   "threshold": self.cfg.synthetic_judge_threshold,
+                   "total": int(len(mask)), "kept": int(mask.sum()),
+                   "kept_by_node": {str(k): int(v.sum()) for k, v in keep.items()},
+                   "fidelity_kept": fidelity(mask), "fidelity_left_out": fidelity(~mask)}
+        self.recorder.set_section("synthetic_screen", section)
+        log.info("synthetic-judge (%s): kept %d of %d synthetic rows; reference fidelity "
+                 "%s kept, %s left out", section["judge"], section["kept"], section["total"],
+                 *("n/a" if f is None else f"{100 * f:.1f}%"
+                   for f in (section["fidelity_kept"], section["fidelity_left_out"])))
+        return keep
+
+    def config_for(self, phase: Phase, client: ClientProxy, config: dict) -> dict:
+        """In the generative arm's classify rounds, the client's ``synthetic-keep`` mask
+        (packed bits, one per row of its batch) when ``synthetic-judge`` screened it."""
+        config = super().config_for(phase, client, config)
+        pid = self.partition_of.get(client.cid)
+        if phase.kind == "classify" and phase.arm == self.generative_arm \
+                and pid in self.synthetic_keep:
+            config["synthetic-keep"] = np.packbits(self.synthetic_keep[pid]).tobytes()
+        return config
 
     def fit_config(self, phase: Phase, rnd: int, server_round: int):
         config = super().fit_config(phase, rnd, server_round)

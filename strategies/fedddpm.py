@@ -78,6 +78,7 @@ class FedDDPM(FedDiffAug):
 
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
+        super().check_config(cfg)
         if "diffusion" in cfg.arm_list and "diffusion" in cfg.central_dp:
             raise ConfigError(f"central DP (dp-clipping-norm) covers averaged weight "
                               f"updates; {cfg.method} first uploads each client's whole "

@@ -27,6 +27,7 @@ class FedDifRC(FedDiffAug):
 
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
+        super().check_config(cfg)
         if cfg.difrc_feature_source == "sd":
             check_sd_path(cfg.sd_model_path, "feddifrc")   # before any work
         elif cfg.diffusion_rounds == 0 and not cfg.diffusion_init:

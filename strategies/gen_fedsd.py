@@ -29,6 +29,7 @@ class GenFedSD(FedDiffAug):
 
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
+        super().check_config(cfg)
         check_sd_path(cfg.sd_model_path)   # a missing or incomplete folder, before any work
 
     def plan(self) -> list[Phase]:

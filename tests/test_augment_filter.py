@@ -11,7 +11,7 @@ import torch
 
 from clients import ClassifierClient
 from clients.local import LocalData
-from fedgen.classifier import label_probability, screen_added
+from fedgen.classifier import evaluate, label_probability, screen_added
 from fedgen.config import ConfigError, RunConfig
 from fedgen.models import classifier_shell, get_weights, set_weights
 from fedgen.server_app import build_strategy
@@ -123,3 +123,68 @@ def test_a_run_records_the_rows_left_out_per_round(tmp_path):
 def test_bad_filter_settings_are_config_errors(key, value):
     with pytest.raises(ConfigError, match=key):
         RunConfig.from_mapping({key: value})
+
+
+# ----------------------------------------------------------- synthetic-judge (server side)
+
+@pytest.mark.parametrize("changes, message", [
+    ({"arms": "real,diffusion", "synthetic_judge": "noise"}, "before diffusion"),
+    ({"arms": "diffusion,noise", "synthetic_judge": "noise"}, "before diffusion"),
+    ({"arms": "noise,diffusion", "synthetic_judge": "noise", "generation": "sdedit"},
+     "sdedit")])
+def test_a_judge_that_cannot_run_first_is_a_config_error(tmp_path, changes, message):
+    from fedgen.methods import method_for
+    with pytest.raises(ConfigError, match=message):
+        method_for(tiny_config(tmp_path, **changes))
+
+
+def test_the_server_screens_the_synthetic_rows_with_the_judge_arms_final_model(tmp_path):
+    cfg = tiny_config(tmp_path, arms="noise,diffusion", synthetic_judge="noise",
+                      synthetic_judge_threshold=0.5, classifier_rounds=2)
+    strategy, proxies = run_in_process(cfg)
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    # the judge is the noise arm's last global model: it scores the recorded accuracy
+    judge = classifier_shell(cfg, strategy.data.channels, strategy.data.num_classes)
+    set_weights(judge, strategy.judge_weights)
+    scored = evaluate(judge, strategy.data.test_x, strategy.data.test_y,
+                      strategy.data.num_classes, torch.device("cpu"))
+    assert scored["accuracy"] == res["arms"]["noise"]["final_accuracy"]
+    # each batch's mask is the judge's probability of its labels against the threshold
+    for pid, (images, labels) in strategy.synthetic.items():
+        prob = label_probability(judge, images, labels, torch.device("cpu"))
+        assert np.array_equal(strategy.synthetic_keep[pid], prob >= 0.5)
+    kept = sum(int(k.sum()) for k in strategy.synthetic_keep.values())
+    total = sum(len(k) for k in strategy.synthetic_keep.values())
+    assert 0 < kept < total     # the check below needs rows on both sides
+    screen = res["synthetic_screen"]
+    assert (screen["kept"], screen["total"], screen["judge"]) == (kept, total, "noise")
+    # every client trains its own images plus the kept rows in every diffusion round; the
+    # noise arm gets no mask
+    for proxy in proxies:
+        pid = strategy.partition_of[proxy.cid]
+        own = int(strategy.histograms[pid].sum())
+        by_arm = {}
+        for ins, rep in proxy.wire:    # every fit message and its reply
+            if ins.config.get("phase") == "classify":
+                by_arm.setdefault(ins.config["arm"], []).append((ins.config, rep))
+        assert len(by_arm["diffusion"]) == len(by_arm["noise"]) == 2
+        for config, rep in by_arm["diffusion"]:
+            mask = strategy.synthetic_keep[pid]
+            assert rep.num_examples == own + int(mask.sum())
+            assert rep.metrics["augment-dropped"] == len(mask) - int(mask.sum())
+        assert all("synthetic-keep" not in c for c, _ in by_arm["noise"])
+    assert [h["augment_dropped"] for h in res["arms"]["diffusion"]["history"]] == \
+        [total - kept] * 2
+
+
+def test_a_mask_for_another_batch_is_refused(tmp_path):
+    cfg, strategy, phases, client, start = _client_and_config(tmp_path)
+    own = len(client.local.labels)
+    images = np.zeros((own + 20, 1, 8, 8), np.uint8)
+    labels = np.zeros(own + 20, np.int64)
+    ok = {"synthetic-keep": np.packbits(np.arange(20) % 2 == 0).tobytes()}
+    _, kept, dropped = client.screen(None, images, labels, ok)
+    assert (len(kept), dropped) == (own + 10, 10)
+    with pytest.raises(ValueError, match="holds 20 added rows"):
+        client.screen(None, images, labels,
+                      {"synthetic-keep": np.packbits(np.ones(30, bool)).tobytes()})
