@@ -445,7 +445,7 @@ class PhasedFedAvg(FedAvg):
                  100 * test["accuracy"], self._train_metrics.get("loss", float("nan")),
                  self._train_metrics.get("samples", 0))
         if self._train_metrics.get("augment_dropped"):
-            log.info("[%s] round %d/%d  augment-filter left out %d added rows", phase.name,
+            log.info("[%s] round %d/%d  screening left out %d added rows", phase.name,
                      rnd, phase.rounds, self._train_metrics["augment_dropped"])
         if clients is not None and self.cfg.evaluation == "both":
             log.info("[%s] round %d/%d  clients' accuracy %.2f%%", phase.name, rnd,
