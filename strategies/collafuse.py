@@ -100,6 +100,7 @@ class CollaFuse(FedDiffAug):
         return config
 
     def config_for(self, phase: Phase, client: ClientProxy, config: dict) -> dict:
+        config = super().config_for(phase, client, config)
         if phase.kind in ("collafuse", "collafuse-generation"):
             config["cut-t"] = self.cut_of(self.partition_of[client.cid])
         return config

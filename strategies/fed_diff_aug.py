@@ -19,9 +19,9 @@ from flwr.server.client_proxy import ClientProxy
 from fedgen import plots
 from fedgen.aggregation import rowwise_average
 from fedgen.balancing import fill_to_max, present_only
-from fedgen.diffusion import sample
 from fedgen.classifier import label_probability
 from fedgen.config import ConfigError
+from fedgen.diffusion import sample
 from fedgen.fidelity import Judge
 from fedgen.models import (build_sampler, build_scheduler, build_unet, get_weights,
                            set_weights, unet_shell)
@@ -45,7 +45,9 @@ class FedDiffAug(PhasedFedAvg):
     UNet weights are combined; by default the clients' average, passed through the
     ``diffusion-server-opt`` update and tracked by an ``ema-decay`` EMA for sampling),
     :meth:`correct` (server-side work on the new global UNet after each aggregation;
-    none here, FedDDPM's correction on D_aux in :class:`strategies.fedddpm.FedDDPM`).
+    none here, FedDDPM's correction on D_aux in :class:`strategies.fedddpm.FedDDPM`),
+    :meth:`screen_synthetic` (which synthetic rows the generative arm trains on; all of
+    them unless ``synthetic-judge`` names an earlier arm whose final model screens them).
     """
 
     GRID_PER_CLASS = 10  # samples per class in the per-round grid (samples-every)
