@@ -119,26 +119,24 @@ class ClassifierClient(NumPyClient):
                config: dict) -> tuple[np.ndarray, np.ndarray, int]:
         """The rows this round trains on, and how many added rows were left out: those
         the server's ``synthetic-keep`` mask leaves out (packed bits, one per added row:
-        strategies.FedDiffAug.screen_synthetic), then, with ``augment-filter`` > 0 from
+        strategies.FedDiffAug.screen_synthetic), and, with ``augment-filter`` > 0 from
         round ``augment-filter-from`` on, the added rows whose label ``model`` (the global
         weights just received) gives a probability below it
         (:func:`fedgen.classifier.screen_added`)."""
-        own, dropped = len(self.local.labels), 0
+        own = len(self.local.labels)
+        keep = np.ones(len(labels), dtype=bool)
         if "synthetic-keep" in config:
             bits = np.frombuffer(bytes(config["synthetic-keep"]), dtype=np.uint8)
             added = len(labels) - own
             if len(bits) != (added + 7) // 8:
                 raise ValueError(f"synthetic-keep: a mask for {8 * len(bits)} rows at most, "
                                  f"but node {self.local.node} holds {added} added rows")
-            keep = np.concatenate([np.ones(own, dtype=bool),
-                                   np.unpackbits(bits, count=added).astype(bool)])
-            images, labels, dropped = images[keep], labels[keep], int((~keep).sum())
+            keep[own:] = np.unpackbits(bits, count=added).astype(bool)
         threshold = float(config.get("augment-filter", 0.0))
         start = int(config.get("augment-filter-from", 2))
-        if threshold <= 0 or int(config.get("round", 1)) < start:
-            return images, labels, dropped
-        keep = screen_added(model, images, labels, own, threshold, self.local.device)
-        return images[keep], labels[keep], dropped + int((~keep).sum())
+        if threshold > 0 and int(config.get("round", 1)) >= start:
+            keep &= screen_added(model, images, labels, own, threshold, self.local.device)
+        return images[keep], labels[keep], int((~keep).sum())
 
     def evaluate(self, parameters, config):
         """The global model on this node's held-out test images (evaluation=clients/both):

@@ -55,17 +55,22 @@ def train_classifier(model: torch.nn.Module, images: np.ndarray, labels: np.ndar
     return {"loss": total / max(steps, 1), "steps": steps}
 
 
+def batch_logits(model: torch.nn.Module, images: np.ndarray, device: torch.device,
+                 batch_size: int):
+    """(first row, logits) of ``model`` in eval mode over ``images``, batch by batch."""
+    model.to(device).eval()
+    for start in range(0, len(images), batch_size):
+        yield start, model(to_float(images[start:start + batch_size]).to(device))
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray,
              num_classes: int, device: torch.device, batch_size: int = 1000) -> dict:
     """Accuracy, loss and per-class accuracy in eval mode."""
-    model.to(device).eval()
     y_all = torch.as_tensor(labels, dtype=torch.long)
     preds, loss = [], 0.0
-    for start in range(0, len(y_all), batch_size):
-        x = to_float(images[start:start + batch_size]).to(device)
+    for start, logits in batch_logits(model, images, device, batch_size):
         y = y_all[start:start + batch_size].to(device)
-        logits = model(x)
         loss += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
         preds.append(logits.argmax(1).cpu())
     pred = torch.cat(preds).numpy()
@@ -80,12 +85,10 @@ def evaluate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray,
 def label_probability(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray,
                       device: torch.device, batch_size: int = 1000) -> np.ndarray:
     """The softmax probability ``model`` (in eval mode) gives each row's label."""
-    model.to(device).eval()
     out = []
-    for start in range(0, len(labels), batch_size):
-        x = to_float(images[start:start + batch_size]).to(device)
+    for start, logits in batch_logits(model, images, device, batch_size):
         y = torch.as_tensor(labels[start:start + batch_size], dtype=torch.long, device=device)
-        prob = torch.softmax(model(x).float(), dim=1)
+        prob = torch.softmax(logits.float(), dim=1)
         out.append(prob.gather(1, y[:, None])[:, 0].cpu())
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
 
