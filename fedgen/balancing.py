@@ -41,6 +41,25 @@ def noise_fill(images: np.ndarray, labels: np.ndarray, deficits: np.ndarray, sig
     return np.clip(np.rint(noisy), 0, 255).astype(np.uint8), y
 
 
+def judge_keep(prob: np.ndarray, labels: np.ndarray, quota: np.ndarray, threshold: float,
+               floor: float = 0.0) -> np.ndarray:
+    """Which rows of one synthetic batch to keep, class by class: the best-scored rows of
+    class ``c`` (``prob``: a judge's probability of each row's label), as many as score at
+    least ``threshold`` but at most ``quota[c]``, and at least ``ceil(floor * quota[c])`` of
+    them whatever they score (as far as the batch holds them). With one row generated per
+    quota slot and ``floor`` 0 that is every row at or above the threshold; a batch generated
+    larger than its quota (a pool) keeps its best rows up to the quota."""
+    prob, labels = np.asarray(prob), np.asarray(labels)
+    keep = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        best = rows[np.argsort(-prob[rows], kind="stable")]   # ties: the earlier row first
+        q = int(quota[c])
+        n = max(int((prob[rows] >= threshold).sum()), int(np.ceil(round(floor * q, 9))))
+        keep[best[:min(n, q)]] = True
+    return keep
+
+
 def proportional_counts(weights: np.ndarray, total: int) -> np.ndarray:
     """``total`` split in proportion to ``weights`` (largest remainder: the parts are
     integers, sum to ``total`` exactly, and a zero weight gets nothing)."""

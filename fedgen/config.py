@@ -253,6 +253,15 @@ class RunConfig:
                                 choices=("", "real", "oversample", "noise"))
     synthetic_judge_threshold: float = knob(0.5, "Probability below which synthetic-judge "
                                             "leaves a synthetic row out.", low=0.0, high=1.0)
+    synthetic_judge_floor: float = knob(0.0, "Share of each class's synthetic rows per client "
+                                        "that synthetic-judge keeps whatever they score (its "
+                                        "best-scored ones), so a class the judge knows badly "
+                                        "is thinned, not removed; 0 = the threshold alone.",
+                                        low=0.0, high=1.0)
+    synthetic_judge_pool: int = knob(1, "With synthetic-judge: the server generates this many "
+                                     "times each client's deficits and the judge keeps the "
+                                     "best-scored rows of each class up to the deficit "
+                                     "(generation time grows with it); 1 = no pool.", low=1)
     # --- classifier
     classifier_rounds: int = knob(4, "FedAvg rounds of ResNet-18 per arm.", low=1)
     local_epochs: int = knob(1, "Local epochs per classifier round.", low=1)

@@ -18,7 +18,7 @@ from flwr.server.client_proxy import ClientProxy
 
 from fedgen import plots
 from fedgen.aggregation import rowwise_average
-from fedgen.balancing import fill_to_max, present_only
+from fedgen.balancing import fill_to_max, judge_keep, present_only
 from fedgen.classifier import label_probability
 from fedgen.config import ConfigError
 from fedgen.diffusion import sample
@@ -79,7 +79,13 @@ class FedDiffAug(PhasedFedAvg):
         """``synthetic-judge`` needs its arm to run before the generative one, and
         batches the server made (it screens them)."""
         judge, arms = cfg.synthetic_judge, cfg.arm_list
-        if not judge or cls.generative_arm not in arms:
+        if cls.generative_arm not in arms:
+            return
+        if cfg.synthetic_judge_pool > 1 and not judge:
+            raise ConfigError(f"synthetic-judge-pool={cfg.synthetic_judge_pool} generates "
+                              f"more rows than the deficits for synthetic-judge to choose "
+                              f"from; set synthetic-judge too")
+        if not judge:
             return
         if judge not in arms or arms.index(judge) > arms.index(cls.generative_arm):
             raise ConfigError(f"synthetic-judge={judge}: arms must run {judge} before "
@@ -119,7 +125,9 @@ class FedDiffAug(PhasedFedAvg):
             self.unet_weights = get_weights(self.build_unet())
             return self.unet_weights
         if phase.kind == "generation" and not self.synthetic:   # (resumed: re-ship them)
-            self.synthetic = self.generate(self.deficit_plan(self.histograms))
+            pool = self.cfg.synthetic_judge_pool   # > 1 only with synthetic-judge
+            self.synthetic = self.generate({k: pool * d for k, d in
+                                            self.deficit_plan(self.histograms).items()})
         elif phase.kind == self.generation_kind():   # each client makes its own batch
             self.client_plan = self.client_deficits(self.deficit_plan(self.histograms))
             self._t0 = time.perf_counter()
@@ -139,7 +147,9 @@ class FedDiffAug(PhasedFedAvg):
         """Keep-masks of the synthetic batches the server shipped: a row is kept when the
         final global classifier of arm ``synthetic-judge`` (federated: FedAvg over the
         clients' own data) gives its label a probability of at least
-        ``synthetic-judge-threshold``. The clients apply them (fit config
+        ``synthetic-judge-threshold``, per client and class at most the deficit (the best
+        rows of a ``synthetic-judge-pool``) and at least ``synthetic-judge-floor`` of it
+        (:func:`fedgen.balancing.judge_keep`). The clients apply them (fit config
         ``synthetic-keep``); results.json ``synthetic_screen`` records what was kept and
         the reference classifier's fidelity of the kept and the left-out rows."""
         if self.judge_weights is None:
@@ -151,8 +161,10 @@ class FedDiffAug(PhasedFedAvg):
             return {}
         model = self._classifier()
         set_weights(model, self.judge_weights)
-        keep = {pid: label_probability(model, images, labels, self.device)
-                >= self.cfg.synthetic_judge_threshold
+        quota = self.deficit_plan(self.histograms)
+        keep = {pid: judge_keep(label_probability(model, images, labels, self.device), labels,
+                                quota[pid], self.cfg.synthetic_judge_threshold,
+                                self.cfg.synthetic_judge_floor)
                 for pid, (images, labels) in self.synthetic.items()}
         images = np.concatenate([b[0] for b in self.synthetic.values()])
         labels = np.concatenate([b[1] for b in self.synthetic.values()])
@@ -165,8 +177,14 @@ class FedDiffAug(PhasedFedAvg):
 
         section = {"judge": self.cfg.synthetic_judge,
                    "threshold": self.cfg.synthetic_judge_threshold,
+                   "floor": self.cfg.synthetic_judge_floor,
+                   "pool": self.cfg.synthetic_judge_pool,
                    "total": int(len(mask)), "kept": int(mask.sum()),
                    "kept_by_node": {str(k): int(v.sum()) for k, v in keep.items()},
+                   "kept_by_class": np.bincount(labels[mask], minlength=self.data.num_classes
+                                                ).tolist(),
+                   "total_by_class": np.bincount(labels, minlength=self.data.num_classes
+                                                 ).tolist(),
                    "fidelity_kept": fidelity(mask), "fidelity_left_out": fidelity(~mask)}
         self.recorder.set_section("synthetic_screen", section)
         log.info("synthetic-judge (%s): kept %d of %d synthetic rows; reference fidelity "

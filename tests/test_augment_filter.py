@@ -11,6 +11,7 @@ import torch
 
 from clients import ClassifierClient
 from clients.local import LocalData
+from fedgen.balancing import judge_keep
 from fedgen.classifier import evaluate, label_probability, screen_added
 from fedgen.config import ConfigError, RunConfig
 from fedgen.models import classifier_shell, get_weights, set_weights
@@ -131,7 +132,8 @@ def test_bad_filter_settings_are_config_errors(key, value):
     ({"arms": "real,diffusion", "synthetic_judge": "noise"}, "before diffusion"),
     ({"arms": "diffusion,noise", "synthetic_judge": "noise"}, "before diffusion"),
     ({"arms": "noise,diffusion", "synthetic_judge": "noise", "generation": "sdedit"},
-     "sdedit")])
+     "sdedit"),
+    ({"arms": "noise,diffusion", "synthetic_judge_pool": 2}, "set synthetic-judge too")])
 def test_a_judge_that_cannot_run_first_is_a_config_error(tmp_path, changes, message):
     from fedgen.methods import method_for
     with pytest.raises(ConfigError, match=message):
@@ -188,3 +190,57 @@ def test_a_mask_for_another_batch_is_refused(tmp_path):
     with pytest.raises(ValueError, match="holds 20 added rows"):
         client.screen(None, images, labels,
                       {"synthetic-keep": np.packbits(np.ones(30, bool)).tobytes()})
+
+
+def test_judge_keep_takes_each_class_best_rows_between_floor_and_quota():
+    prob = np.array([0.9, 0.2, 0.6, 0.05, 0.4,     # class 0
+                     0.3, 0.7, 0.7, 0.1])          # class 1
+    labels = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1])
+    quota = np.array([5, 4])
+    # the threshold alone: every row at or above it
+    assert np.array_equal(judge_keep(prob, labels, quota, 0.5), prob >= 0.5)
+    # a floor of half the quota: class 0 keeps its best 3 (ceil 2.5), class 1 its best 2
+    keep = judge_keep(prob, labels, quota, 0.5, floor=0.5)
+    assert np.flatnonzero(keep).tolist() == [0, 2, 4, 6, 7]
+    # a full floor keeps everything; a floor of 0.3 x 5 = 1.5 -> 2 rows, not 3
+    assert judge_keep(prob, labels, quota, 0.99, floor=1.0).all()
+    assert np.flatnonzero(judge_keep(prob, labels, quota, 0.99, floor=0.3)).tolist() == \
+        [0, 2, 6, 7]
+    # a pool (more rows than the quota): the best rows up to the quota, ties to the earlier
+    keep = judge_keep(prob, labels, np.array([2, 1]), 0.0)
+    assert np.flatnonzero(keep).tolist() == [0, 2, 6]
+    # a class with no rows in the batch, or a quota of 0, keeps nothing of it
+    assert not judge_keep(prob, labels, np.array([0, 0]), 0.0, floor=1.0).any()
+
+
+def test_a_pool_is_generated_and_screened_down_to_the_deficits(tmp_path):
+    cfg = tiny_config(tmp_path, arms="noise,diffusion", synthetic_judge="noise",
+                      synthetic_judge_threshold=0.5, synthetic_judge_floor=0.5,
+                      synthetic_judge_pool=2, classifier_rounds=1)
+    strategy, _ = run_in_process(cfg)
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    judge = classifier_shell(cfg, strategy.data.channels, strategy.data.num_classes)
+    set_weights(judge, strategy.judge_weights)
+    quota = strategy.deficit_plan(strategy.histograms)
+    classes = np.arange(strategy.data.num_classes)
+    kept_by_class, floored = np.zeros(len(classes), np.int64), 0
+    for pid, (images, labels) in strategy.synthetic.items():
+        # twice each class's deficit generated; the mask keeps between half and all of it
+        assert np.array_equal(np.bincount(labels, minlength=len(classes)), 2 * quota[pid])
+        keep = strategy.synthetic_keep[pid]
+        kept = np.bincount(labels[keep], minlength=len(classes))
+        assert (kept <= quota[pid]).all() and (kept >= np.ceil(0.5 * quota[pid])).all()
+        # and they are the best-scored rows of their class
+        prob = label_probability(judge, images, labels, torch.device("cpu"))
+        for c in classes[kept > 0]:
+            assert prob[keep & (labels == c)].min() >= prob[~keep & (labels == c)].max()
+        above = np.bincount(labels[prob >= 0.5], minlength=len(classes))
+        assert np.array_equal(kept, np.minimum(np.maximum(above, np.ceil(0.5 * quota[pid])),
+                                               quota[pid]))
+        floored += int((above < np.ceil(0.5 * quota[pid])).sum())
+        kept_by_class += kept
+    assert floored > 0      # the floor kept rows the threshold alone would have left out
+    screen = res["synthetic_screen"]
+    assert (screen["pool"], screen["floor"]) == (2, 0.5)
+    assert screen["kept_by_class"] == kept_by_class.tolist()
+    assert screen["total"] == 2 * sum(int(q.sum()) for q in quota.values())
