@@ -25,6 +25,7 @@ from fedgen.diffusion import sample
 from fedgen.fidelity import Judge
 from fedgen.models import (build_sampler, build_scheduler, build_unet, get_weights,
                            set_weights, unet_shell)
+from fedgen.partition import histogram
 from fedgen.seeds import derive_seed
 from fedgen.server_opt import ServerOptimizer, ema_update
 from strategies.phased import EMPTY, Aggregated, Phase, PhasedFedAvg, Results
@@ -181,10 +182,8 @@ class FedDiffAug(PhasedFedAvg):
                    "pool": self.cfg.synthetic_judge_pool,
                    "total": int(len(mask)), "kept": int(mask.sum()),
                    "kept_by_node": {str(k): int(v.sum()) for k, v in keep.items()},
-                   "kept_by_class": np.bincount(labels[mask], minlength=self.data.num_classes
-                                                ).tolist(),
-                   "total_by_class": np.bincount(labels, minlength=self.data.num_classes
-                                                 ).tolist(),
+                   "kept_by_class": histogram(labels[mask], self.data.num_classes).tolist(),
+                   "total_by_class": histogram(labels, self.data.num_classes).tolist(),
                    "fidelity_kept": fidelity(mask), "fidelity_left_out": fidelity(~mask)}
         self.recorder.set_section("synthetic_screen", section)
         log.info("synthetic-judge (%s): kept %d of %d synthetic rows; reference fidelity "
