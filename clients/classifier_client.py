@@ -109,7 +109,7 @@ class ClassifierClient(NumPyClient):
                                  batch_size=int(config["batch-size"]), lr=float(config["lr"]),
                                  momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                  seed=loc.seed(int(config["seed"])), device=loc.device,
-                                 loss_hooks=hooks)
+                                 loss_hooks=hooks, precision=cfg.mixed_precision)
         for hook in hooks:   # hooks that keep their mean value report it (losses.TermHook)
             stats.update(getattr(hook, "metrics", dict)())
         return get_weights(model), len(labels), {**stats, "samples": len(labels),

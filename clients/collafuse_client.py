@@ -84,7 +84,8 @@ class CollaFuseClient(NumPyClient):
                                   batch_size=int(config["batch-size"]), lr=float(config["lr"]),
                                   seed=seed, device=loc.device,
                                   cfg_dropout=float(config.get("cfg-dropout", 0.0)),
-                                  min_snr_gamma=float(config.get("min-snr-gamma", 0.0)))
+                                  min_snr_gamma=float(config.get("min-snr-gamma", 0.0)),
+                                  precision=cfg.mixed_precision)
             save_private(loc, unet, rnd)
             metrics.update(stats)
         sent = noise_to_cut(scheduler, loc.images, t_c, derive_seed(seed, "cut"))
@@ -112,6 +113,7 @@ class CollaFuseGenerationClient(NumPyClient):
         images = client_part(unet, build_sampler(cfg.sampler, build_scheduler(cfg)), labels,
                              partial, t_c, steps=cfg.sampling_steps,
                              seed=loc.seed(int(config["seed"])), device=loc.device,
-                             guidance_scale=cfg.guidance_scale, progress=False)
+                             guidance_scale=cfg.guidance_scale, progress=False,
+                             precision=cfg.mixed_precision)
         loc.store.save(str(config["arm"]), images, labels)
         return [], len(loc.labels), {"made": len(labels)}

@@ -43,7 +43,8 @@ class DiffusionClient(NumPyClient):
                            cfg_dropout=float(config.get("cfg-dropout", 0.0)),
                            min_snr_gamma=float(config.get("min-snr-gamma", 0.0)),
                            max_steps=int(config.get("steps", 0)),
-                           dp_sgd=dp_sgd_for(loc.cfg, loc.seed(int(config["seed"]))))
+                           dp_sgd=dp_sgd_for(loc.cfg, loc.seed(int(config["seed"]))),
+                           precision=loc.cfg.mixed_precision)
         if "dp_steps" in stats:   # what the server's accountant needs
             stats["dp-sgd-steps"] = stats.pop("dp_steps")
             stats["dp-sgd-sample-rate"] = stats.pop("dp_sample_rate")

@@ -27,6 +27,6 @@ class SDEditClient(NumPyClient):
             unet, build_sampler(cfg.sampler, build_scheduler(cfg)), loc.images, loc.labels,
             deficits, t_start=cfg.sdedit_t, steps=cfg.sampling_steps,
             seed=loc.seed(int(config["seed"])), device=loc.device,
-            guidance_scale=cfg.guidance_scale)
+            guidance_scale=cfg.guidance_scale, precision=cfg.mixed_precision)
         loc.store.save(str(config["arm"]), images, labels)
         return [], len(loc.labels), {"made": len(labels)}

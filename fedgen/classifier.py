@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from fedgen.data import to_float
-from fedgen.models import penultimate
+from fedgen.models import autocast, penultimate
 
 # hook(model, batch) -> scalar tensor. Classifier batches hold "images", "labels",
 # "logits", "index" (LongTensor, on the training device: the rows of the ``images`` array
@@ -25,8 +25,10 @@ LossHook = Callable[[torch.nn.Module, dict], torch.Tensor]
 def train_classifier(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, *,
                      epochs: int, batch_size: int, lr: float, momentum: float,
                      weight_decay: float, seed: int, device: torch.device,
-                     loss_hooks: Sequence[LossHook] = ()) -> dict:
-    """SGD with cross-entropy on uint8 images; trains ``model`` in place."""
+                     loss_hooks: Sequence[LossHook] = (), precision: str = "no") -> dict:
+    """SGD with cross-entropy on uint8 images; trains ``model`` in place. ``precision``
+    "bf16": the forward pass under :func:`fedgen.models.autocast`, logits and features
+    cast back to float32 for the loss and its hooks."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     x_all = to_float(images).to(device)
@@ -42,9 +44,11 @@ def train_classifier(model: torch.nn.Module, images: np.ndarray, labels: np.ndar
                     continue  # BatchNorm cannot train on a batch of one
                 idx = idx.to(device)
                 x, y = x_all[idx], y_all[idx]
-                logits = model(x)
+                with autocast(precision, device):
+                    logits = model(x).float()
                 loss = torch.nn.functional.cross_entropy(logits, y)
-                batch = dict(images=x, labels=y, logits=logits, index=idx, features=z.value)
+                features = None if z.value is None else z.value.float()
+                batch = dict(images=x, labels=y, logits=logits, index=idx, features=features)
                 for hook in loss_hooks:
                     loss = loss + hook(model, batch)
                 opt.zero_grad(set_to_none=True)

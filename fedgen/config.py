@@ -349,6 +349,14 @@ class RunConfig:
                                  "can subtract the noise, so the guarantee is VOID; for "
                                  "measurements only (results.json says so). false = fresh "
                                  "OS entropy.")
+    # --- compute
+    mixed_precision: str = knob("no", "bf16 = the DDPM's and the classifier's training "
+                                "forward passes and all sampling run under torch.autocast "
+                                "in bfloat16 (weights, gradients, optimiser states, the "
+                                "sampler's arithmetic and every evaluation stay float32). "
+                                "It pays where the hardware has bfloat16 units (CUDA from "
+                                "Ampere; CPUs with AVX-512 BF16 or AMX); docs/RESULTS.md "
+                                "section 3k measures it.", choices=("no", "bf16"))
     # --- where things go
     out_dir: str = knob("", "Output folder (absolute for flwr run); empty = "
                         "outputs/<time>-<method>.")

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from fedgen.balancing import oversample
 from fedgen.data import to_float, to_uint8
-from fedgen.models import null_class
+from fedgen.models import autocast, null_class
 
 if TYPE_CHECKING:
     from diffusers import SchedulerMixin, UNet2DModel
@@ -35,7 +35,8 @@ def train_ddpm(unet: UNet2DModel, scheduler: SchedulerMixin, images: np.ndarray,
                device: torch.device, loss_hooks: Sequence[LossHook] = (),
                cfg_dropout: float = 0.0, min_snr_gamma: float = 0.0,
                max_steps: int = 0, t_range: tuple[int, int] | None = None,
-               source_t: int | None = None, dp_sgd: "DPSGD | None" = None) -> dict:
+               source_t: int | None = None, dp_sgd: "DPSGD | None" = None,
+               precision: str = "no") -> dict:
     """Train ``unet`` in place on the denoising loss of the scheduler's prediction type
     (:func:`regression_target`); returns loss and steps.
 
@@ -59,6 +60,9 @@ def train_ddpm(unet: UNet2DModel, scheduler: SchedulerMixin, images: np.ndarray,
     gradient is clipped to ``max_grad_norm`` and Gaussian noise is added to their sum;
     the result adds ``dp_sample_rate`` and ``dp_steps`` for the accountant. Loss hooks
     (a proximal term) have no per-example gradient and are refused.
+
+    ``precision`` "bf16": the UNet's forward pass under :func:`fedgen.models.autocast`;
+    its prediction is cast back to float32 before the loss.
     """
     if source_t is not None and scheduler.config.prediction_type != "epsilon":
         raise ValueError("training from noised images (source_t) is derived for epsilon "
@@ -96,12 +100,14 @@ def train_ddpm(unet: UNet2DModel, scheduler: SchedulerMixin, images: np.ndarray,
             if cfg_dropout > 0:
                 drop = (torch.rand(len(idx), generator=gen) < cfg_dropout).to(device)
                 y = torch.where(drop, torch.full_like(y, null), y)
-            if source_t is None:
-                noisy = scheduler.add_noise(clean, noise, t)  # q(x_t | x_0), Ho et al. eq. 4
-                pred = net(noisy, t, class_labels=y).sample
+            if source_t is None:   # q(x_t | x_0), Ho et al. eq. 4
+                noisy, scale = scheduler.add_noise(clean, noise, t), None
             else:
                 noisy, scale = bridge_noise(scheduler, clean, noise, t, source_t)
-                pred = net(noisy, t, class_labels=y).sample * scale
+            with autocast(precision, device):
+                pred = net(noisy, t, class_labels=y).sample.float()
+            if scale is not None:
+                pred = pred * scale
             target = noise if source_t is not None else regression_target(
                 scheduler, clean, noise, t)
             if weights is None:
@@ -209,7 +215,7 @@ def sample(unet: UNet2DModel, sampler: SchedulerMixin, labels: np.ndarray, *, st
            seed: int, device: torch.device, batch_size: int = 500,
            progress: bool = True, guidance_scale: float = 1.0,
            window: tuple[int, int] | None = None, start: np.ndarray | None = None,
-           raw: bool = False) -> np.ndarray:
+           raw: bool = False, precision: str = "no") -> np.ndarray:
     """Class-conditional samples for ``labels`` as uint8 (N, C, H, W); seeded.
 
     ``guidance_scale`` w != 1: classifier-free guidance, eps = eps_u + w (eps_c - eps_u),
@@ -218,6 +224,9 @@ def sample(unet: UNet2DModel, sampler: SchedulerMixin, labels: np.ndarray, *, st
     Split sampling (CollaFuse): ``window`` = (lo, hi) runs only the sampler's timesteps t
     with lo < t <= hi; ``start`` (float, N x C x H x W) replaces the pure noise it starts
     from; ``raw`` returns the float array where it stopped instead of uint8 images.
+
+    ``precision`` "bf16": each UNet pass under :func:`fedgen.models.autocast`; the
+    guidance and the sampler's step stay float32.
     """
     gen = torch.Generator().manual_seed(seed)
     c, s = unet.config.in_channels, unet.config.sample_size
@@ -239,7 +248,8 @@ def sample(unet: UNet2DModel, sampler: SchedulerMixin, labels: np.ndarray, *, st
         y = y.to(device)
         for t in sampler.timesteps:
             if window is None or window[0] < int(t) <= window[1]:
-                eps = guided_eps(unet, x, t, y, guidance_scale)
+                with autocast(precision, device):
+                    eps = guided_eps(unet, x, t, y, guidance_scale)
                 x = sampler.step(eps, t, x, generator=gen).prev_sample
             bar.update()
         out.append(x.cpu().numpy().astype(np.float32) if raw else to_uint8(x))
@@ -250,7 +260,8 @@ def sample(unet: UNet2DModel, sampler: SchedulerMixin, labels: np.ndarray, *, st
 @torch.no_grad()
 def sdedit(unet: UNet2DModel, sampler: SchedulerMixin, images: np.ndarray,
            labels: np.ndarray, *, t_start: int, steps: int, seed: int, device: torch.device,
-           batch_size: int = 500, guidance_scale: float = 1.0) -> np.ndarray:
+           batch_size: int = 500, guidance_scale: float = 1.0, precision: str = "no"
+           ) -> np.ndarray:
     """SDEdit (Meng et al. 2022): noise ``images`` to timestep ``t_start`` with q(x_t | x_0)
     and denoise them class-conditionally with their own ``labels``; uint8 out, seeded.
 
@@ -271,31 +282,33 @@ def sdedit(unet: UNet2DModel, sampler: SchedulerMixin, images: np.ndarray,
         x = sampler.add_noise(clean, noise, torch.full((len(y),), int(timesteps[0])))
         unet.to(device).eval()
         for t in timesteps:
-            x = sampler.step(guided_eps(unet, x, t, y, guidance_scale), t, x,
-                             generator=gen).prev_sample
+            with autocast(precision, device):
+                eps = guided_eps(unet, x, t, y, guidance_scale)
+            x = sampler.step(eps, t, x, generator=gen).prev_sample
         out.append(to_uint8(x))
     return np.concatenate(out)
 
 
 def sdedit_fill(unet: UNet2DModel, sampler: SchedulerMixin, images: np.ndarray,
                 labels: np.ndarray, deficits: np.ndarray, *, t_start: int, steps: int,
-                seed: int, device: torch.device, guidance_scale: float = 1.0
-                ) -> tuple[np.ndarray, np.ndarray]:
+                seed: int, device: torch.device, guidance_scale: float = 1.0,
+                precision: str = "no") -> tuple[np.ndarray, np.ndarray]:
     """A client's deficits filled by SDEdit of its own images: sources drawn per class
     with replacement as the oversample arm draws them (so only classes it holds), each
     noised to ``t_start`` and denoised under its own label."""
     src_x, src_y = oversample(images, labels, deficits, np.random.default_rng(seed))
     return sdedit(unet, sampler, src_x, src_y, t_start=t_start, steps=steps, seed=seed,
-                  device=device, guidance_scale=guidance_scale), src_y
+                  device=device, guidance_scale=guidance_scale, precision=precision), src_y
 
 
 def guided_eps(unet: UNet2DModel, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
                guidance_scale: float) -> torch.Tensor:
     """The UNet's prediction at guidance ``w``: eps_c at w = 1, else eps_u + w (eps_c - eps_u).
-    (The same line for a v-predicting UNet: v is affine in eps at a given x_t and t.)"""
+    (The same line for a v-predicting UNet: v is affine in eps at a given x_t and t.)
+    Float32 out, also from a UNet run under autocast."""
     if guidance_scale == 1.0:
-        return unet(x, t, class_labels=labels).sample
+        return unet(x, t, class_labels=labels).sample.float()
     null = torch.full_like(labels, null_class(unet))
-    both = unet(torch.cat([x, x]), t, class_labels=torch.cat([labels, null])).sample
+    both = unet(torch.cat([x, x]), t, class_labels=torch.cat([labels, null])).sample.float()
     eps_c, eps_u = both.chunk(2)
     return eps_u + guidance_scale * (eps_c - eps_u)

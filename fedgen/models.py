@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -19,6 +20,8 @@ import numpy as np
 import torch
 
 from fedgen.config import ConfigError, RunConfig
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from diffusers import DDPMScheduler, SchedulerMixin, UNet2DModel
@@ -49,6 +52,30 @@ NORM_LAYERS = {"batch": torch.nn.BatchNorm2d, "group": _group_norm}
 def device() -> torch.device:
     """CUDA when present, else the CPU; chosen once, never hard-coded."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The context a forward pass runs in at ``precision`` (config key ``mixed-precision``):
+    "bf16" is ``torch.autocast`` to bfloat16 (convolutions and matmuls in bf16, the weights,
+    gradients and optimiser states stay float32), "no" changes nothing."""
+    if precision == "no":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def check_precision(precision: str, dev: torch.device) -> None:
+    """``mixed-precision`` = bf16 on a GPU without bfloat16 (before Ampere) is refused
+    before any work; on a CPU without bfloat16 units (AVX-512 BF16 or AMX) it runs, and
+    may well be slower than float32, which the log says."""
+    if precision != "bf16":
+        return
+    if dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"mixed-precision=bf16: {torch.cuda.get_device_name(dev)} has no "
+                          f"bfloat16 support; use mixed-precision=no")
+    if dev.type == "cpu" and not (torch.cpu._is_avx512_bf16_supported()
+                                  or torch.cpu._is_amx_tile_supported()):
+        log.warning("mixed-precision=bf16 on a CPU without AVX-512 BF16 or AMX: bfloat16 "
+                    "is emulated there and may be slower than mixed-precision=no")
 
 
 def unet_config(cfg: RunConfig, channels: int, num_classes: int, image_size: int) -> dict:

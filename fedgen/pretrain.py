@@ -58,7 +58,7 @@ def evaluate_unet(unet, cfg: RunConfig, data: ImageData, per_class: int) -> dict
     images = sample(unet, build_sampler(cfg.sampler, build_scheduler(cfg)), labels,
                     steps=cfg.sampling_steps, seed=cfg.seed, device=device(),
                     batch_size=cfg.generation_batch_size, progress=False,
-                    guidance_scale=cfg.guidance_scale)
+                    guidance_scale=cfg.guidance_scale, precision=cfg.mixed_precision)
     judge = Judge(data.train_x, data.train_y, data.num_classes, seed=cfg.seed)
     return {"fidelity": judge.fidelity(images, labels),
             "frechet_distance": judge.frechet(images)}
@@ -81,7 +81,8 @@ def pretrain(cfg: RunConfig, epochs: int, out: Path, per_class: int = 50) -> dic
         res = train_ddpm(unet, scheduler, data.train_x, data.train_y, epochs=1,
                          batch_size=cfg.diffusion_batch_size, lr=cfg.diffusion_lr,
                          seed=derive_seed(cfg.seed, "pretrain", epoch), device=device(),
-                         cfg_dropout=cfg.cfg_dropout, min_snr_gamma=cfg.min_snr_gamma)
+                         cfg_dropout=cfg.cfg_dropout, min_snr_gamma=cfg.min_snr_gamma,
+                         precision=cfg.mixed_precision)
         history.append({"epoch": epoch, "loss": res["loss"],
                         "seconds": round(time.perf_counter() - t0, 3)})
         log.info("epoch %d/%d  loss %.4f  (%.0f s)", epoch, epochs, res["loss"],

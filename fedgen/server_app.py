@@ -14,6 +14,7 @@ from fedgen import checkpoint, logs
 from fedgen.config import ConfigError, RunConfig
 from fedgen.data import ImageData, load_data
 from fedgen.methods import method_for
+from fedgen.models import check_precision, device
 from fedgen.results import Recorder
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,9 @@ def default_out_dir(cfg: RunConfig) -> Path:
 
 
 def check_server_data(cfg: RunConfig, data: ImageData) -> None:
-    """Centralised evaluation needs a test split on the server."""
+    """Centralised evaluation needs a test split on the server; bf16 needs hardware
+    that has it (:func:`fedgen.models.check_precision`)."""
+    check_precision(cfg.mixed_precision, device())
     if cfg.evaluation != "clients" and not len(data.test_y):
         raise ConfigError(f"evaluation={cfg.evaluation} needs a test split on the server, "
                           f"which holds none (dataset={cfg.dataset}, data-dir="

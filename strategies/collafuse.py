@@ -164,7 +164,8 @@ class CollaFuse(FedDiffAug):
                             batch_size=self.cfg.diffusion_batch_size, lr=self.cfg.diffusion_lr,
                             seed=derive_seed(self.cfg.seed, "collafuse-server", rnd, t_c),
                             device=self.device, cfg_dropout=self.cfg.cfg_dropout,
-                            min_snr_gamma=self.cfg.min_snr_gamma)
+                            min_snr_gamma=self.cfg.min_snr_gamma,
+                            precision=self.cfg.mixed_precision)
 
     # ---------------------------------------------------------------- generation
     def client_deficits(self, plan: dict) -> dict:
@@ -179,5 +180,5 @@ class CollaFuse(FedDiffAug):
                               self.cut_of(key), steps=self.cfg.sampling_steps,
                               seed=derive_seed(self.cfg.seed, "collafuse-generate", key),
                               device=self.device, guidance_scale=self.cfg.guidance_scale,
-                              progress=False)
+                              progress=False, precision=self.cfg.mixed_precision)
         return [counts, partial]

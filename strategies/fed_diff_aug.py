@@ -319,7 +319,8 @@ class FedDiffAug(PhasedFedAvg):
         images = sample(unet, build_sampler(self.cfg.sampler, self.scheduler), all_labels,
                         steps=self.cfg.sampling_steps, seed=derive_seed(self.cfg.seed, "generate"),
                         device=self.device, batch_size=self.cfg.generation_batch_size,
-                        guidance_scale=self.cfg.guidance_scale)
+                        guidance_scale=self.cfg.guidance_scale,
+                        precision=self.cfg.mixed_precision)
         cuts = np.cumsum([len(x) for x in labels])[:-1]
         batches = {p: (im, lab.astype(np.int64)) for p, im, lab in
                    zip(pids, np.split(images, cuts), labels)}
@@ -364,7 +365,8 @@ class FedDiffAug(PhasedFedAvg):
         images = sample(self.global_unet(), build_sampler(self.cfg.sampler, self.scheduler),
                         labels, steps=self.cfg.sampling_steps, progress=False,
                         seed=derive_seed(self.cfg.seed, "grid"), device=self.device,
-                        guidance_scale=self.cfg.guidance_scale)
+                        guidance_scale=self.cfg.guidance_scale,
+                        precision=self.cfg.mixed_precision)
         folder = self.recorder.out / "samples"
         folder.mkdir(exist_ok=True)
         plots.samples_grid(images, labels, self.data.classes, folder / f"round-{rnd:03d}.png",

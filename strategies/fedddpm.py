@@ -132,7 +132,8 @@ class FedDDPM(FedDiffAug):
             images.append(sample(unet, build_sampler(self.cfg.sampler, self.scheduler), y,
                                  steps=self.cfg.sampling_steps, progress=False,
                                  seed=derive_seed(self.cfg.seed, "aux", key),
-                                 device=self.device, guidance_scale=self.cfg.guidance_scale))
+                                 device=self.device, guidance_scale=self.cfg.guidance_scale,
+                                 precision=self.cfg.mixed_precision))
             labels.append(y)
         x, y = np.concatenate(images), np.concatenate(labels).astype(np.int64)
         order = np.random.default_rng(derive_seed(self.cfg.seed, "aux-split")).permutation(len(y))
@@ -194,7 +195,8 @@ class FedDDPM(FedDiffAug):
                            batch_size=self.cfg.diffusion_batch_size, lr=self.cfg.correction_lr,
                            seed=derive_seed(self.cfg.seed, "correction", self.corrections),
                            device=self.device, cfg_dropout=self.cfg.cfg_dropout,
-                           min_snr_gamma=self.cfg.min_snr_gamma)
+                           min_snr_gamma=self.cfg.min_snr_gamma,
+                           precision=self.cfg.mixed_precision)
         self.unet_weights = get_weights(unet)
         return stats["steps"]
 
