@@ -65,8 +65,8 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
 
 def check_precision(precision: str, dev: torch.device) -> None:
     """``mixed-precision`` = bf16 on a GPU without bfloat16 (before Ampere) is refused
-    before any work; on a CPU without bfloat16 units (AVX-512 BF16 or AMX) it runs, and
-    may well be slower than float32, which the log says."""
+    before any work; on a CPU without bfloat16 units (AVX-512 BF16 or AMX) it runs, far
+    slower than float32, which the log says."""
     if precision != "bf16":
         return
     if dev.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -75,7 +75,8 @@ def check_precision(precision: str, dev: torch.device) -> None:
     if dev.type == "cpu" and not (torch.cpu._is_avx512_bf16_supported()
                                   or torch.cpu._is_amx_tile_supported()):
         log.warning("mixed-precision=bf16 on a CPU without AVX-512 BF16 or AMX: bfloat16 "
-                    "is emulated there and may be slower than mixed-precision=no")
+                    "is emulated there, 7-37x slower per step than mixed-precision=no "
+                    "(docs/RESULTS.md 3k)")
 
 
 def unet_config(cfg: RunConfig, channels: int, num_classes: int, image_size: int) -> dict:

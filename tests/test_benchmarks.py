@@ -71,3 +71,18 @@ def test_accuracy_ddpm_table_reports_corrections_and_server_time():
     lines = accuracy.ddpm_table({"fedavg": [plain], "fedddpm": [fed, fed]}, "s").splitlines()
     assert lines[2] == "| fedavg | 90.0 ± 0.0 |  |  |  |  | 100 | 1 |"
     assert lines[3] == "| fedddpm | 100.0 ± 0.0 | 0.12 ± 0.00 | 8.0 | 40 | 30 | 90 | 2 |"
+
+
+def test_precision_benchmark_compares_float32_with_bf16():
+    proc = run_bench("precision.py", "--train-epochs", "1", "--per-class", "2", "--steps", "1",
+                     "--set", "unet-channels=8,16", "--set", "batch-size=4",
+                     "--set", "diffusion-batch-size=4", "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    rows = [line.split(" | ") for line in lines if line.startswith("| ") and "step" not in line]
+    assert [r[0] for r in rows] == ["| no", "| bf16"]
+    assert all(0.0 <= float(r[4]) <= 100.0 for r in rows)   # fidelity, %
+    keys = [line.split("=")[0] for line in lines[-4:]]
+    assert keys == ["sampling_speedup", "unet_step_speedup", "classifier_step_speedup",
+                    "fidelity_change"]
+    assert all(float(line.split("=")[1]) > 0 for line in lines[-4:-1])

@@ -30,6 +30,16 @@ def test_presets_are_valid():
         RunConfig.from_mapping(values)
 
 
+def test_the_screened_bf16_preset_is_the_mnist5k_preset_plus_its_levers():
+    """docs/RESULTS.md 3k compares the two presets: only the four levers may differ."""
+    base = tomllib.loads((ROOT / "configs" / "mnist5k-cpu.toml").read_text())
+    succ = tomllib.loads((ROOT / "configs" / "mnist5k-bf16-screened.toml").read_text())
+    levers = {"mixed-precision": "bf16", "synthetic-judge": "noise",
+              "synthetic-judge-floor": 0.5, "synthetic-judge-pool": 2}
+    assert {k: v for k, v in succ.items() if k not in levers} == base
+    assert {k: succ[k] for k in levers} == levers
+
+
 def test_registries_match_the_allowed_values():
     assert set(LOADERS) == set(DATASETS)
     assert set(SAMPLER_CLASSES) == set(SAMPLERS)
