@@ -63,6 +63,12 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bfloat16 units (AVX-512 BF16 or AMX), as torch reports it."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
 def check_precision(precision: str, dev: torch.device) -> None:
     """``mixed-precision`` = bf16 on a GPU without bfloat16 (before Ampere) is refused
     before any work; on a CPU without bfloat16 units (AVX-512 BF16 or AMX) it runs, far
@@ -72,8 +78,7 @@ def check_precision(precision: str, dev: torch.device) -> None:
     if dev.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"mixed-precision=bf16: {torch.cuda.get_device_name(dev)} has no "
                           f"bfloat16 support; use mixed-precision=no")
-    if dev.type == "cpu" and not (torch.cpu._is_avx512_bf16_supported()
-                                  or torch.cpu._is_amx_tile_supported()):
+    if dev.type == "cpu" and not cpu_has_bf16():
         log.warning("mixed-precision=bf16 on a CPU without AVX-512 BF16 or AMX: bfloat16 "
                     "is emulated there, 7-37x slower per step than mixed-precision=no "
                     "(docs/RESULTS.md 3k)")
