@@ -27,12 +27,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedgen.config import ConfigError, RunConfig, load_config  # noqa: E402
+from fedgen.config import ConfigError, load_config  # noqa: E402
 from fedgen.data import load_data  # noqa: E402
-from fedgen.diffusion import sample, train_ddpm  # noqa: E402
+from fedgen.diffusion import sample  # noqa: E402
 from fedgen.fidelity import Judge  # noqa: E402
 from fedgen.models import (autocast, build_classifier, build_sampler, build_scheduler,  # noqa: E402
-                           build_unet, device, load_unet)
+                           build_unet, device)
+from sampling import get_unet  # noqa: E402  (the sampler benchmark's: --ddpm, or a central DDPM)
 
 PRECISIONS = ("no", "bf16")
 
@@ -64,16 +65,6 @@ def step_seconds(model, loss_of, batch, precision: str, steps: int) -> float:
         loss.backward()
         opt.step()
     return (time.perf_counter() - t0) / steps
-
-
-def get_unet(args, cfg: RunConfig, data):
-    if args.ddpm:
-        return load_unet(args.ddpm, data.channels, data.num_classes, data.image_size)
-    unet = build_unet(cfg, data.channels, data.num_classes, data.image_size, seed=0)
-    train_ddpm(unet, build_scheduler(cfg), data.train_x, data.train_y,
-               epochs=args.train_epochs, batch_size=cfg.diffusion_batch_size,
-               lr=cfg.diffusion_lr, seed=0, device=device(), cfg_dropout=cfg.cfg_dropout)
-    return unet
 
 
 def main(argv=None) -> int:
